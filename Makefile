@@ -1,0 +1,49 @@
+# The two commands a newcomer types: `make demo` and `make test`. Each sets itself up first (idempotent).
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+export LMLOOP_HOME ?= $(HOME)/.cache/lmloop
+
+.PHONY: setup demo test test-fast lint format bench clean help
+
+help:
+	@echo "make demo   - set up, then fine-tune MiniLM on vader-sentiment (recipes/sentiment.yaml)"
+	@echo "make test   - set up, then run the test suite (incl. one slow end-to-end test)"
+	@echo "make test-fast - tests without the slow end-to-end ones"
+	@echo "make lint   - ruff check + format check"
+	@echo "make bench  - benchmarks/finetune.py --quick"
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch pinned first: the CPU build installs from local disk; an unpinned torch pulls GBs of CUDA
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	@touch $(STAMP)
+
+setup: $(STAMP)
+	$(BIN)/lmloop assets --fetch
+
+demo: setup
+	$(BIN)/lmloop run recipes/sentiment.yaml --force
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: setup
+	$(BIN)/python benchmarks/finetune.py --quick
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

@@ -1,0 +1,7 @@
+"""lmloop: the whole life of a language model as one loop.
+
+data -> pretrain -> finetune -> infer -> serve -> mlops -> back to data.
+Heavy libraries (torch, transformers, mlflow) are imported lazily so `lmloop --help` answers at once.
+"""
+
+__version__ = "0.1.0"

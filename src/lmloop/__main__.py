@@ -1,0 +1,5 @@
+import sys
+
+from lmloop.cli import main
+
+sys.exit(main())

@@ -1,0 +1,302 @@
+"""Typed recipe schema, validated at the edge.
+
+A recipe is a YAML file that drives ``lmloop run``: data -> fine-tune -> evaluate -> record. It is
+parsed into small nested dataclasses; an unknown key, a wrong type or an out-of-range value raises a
+:class:`~lmloop.errors.ConfigError` that names the file, the line, the dotted key and what was expected.
+Attribute docstrings (the string under each field) double as documentation (``lmloop recipe --help``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from lmloop.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    path: str | None = "vader-sentiment"
+    """A file/folder (CSV, TSV, JSONL, Parquet, HF datasets dir, folder-per-class) or a built-in name."""
+    train: str | None = None
+    """Explicit training file (then `validation`/`test` may be given too; otherwise they are split off)."""
+    validation: str | None = None
+    """Explicit validation file."""
+    test: str | None = None
+    """Explicit test file."""
+    format: Literal["csv", "tsv", "jsonl", "parquet", "hf", "folder"] | None = None
+    """Force a format; by default it is detected from the path."""
+    text_column: str = "text"
+    """Column holding the text."""
+    label_column: str = "label"
+    """Column holding the label."""
+    domain_column: str | None = None
+    """Optional column with a domain/slice name: metrics are also reported per domain."""
+    seed: int = 42
+    """Seed of the stratified train/validation/test split."""
+    val_frac: float = 0.1
+    """Share of rows held out for validation when no split is given."""
+    test_frac: float = 0.1
+    """Share of rows held out for test when no split is given."""
+    max_chars: int = 20000
+    """Texts longer than this are truncated (with a warning)."""
+    limit: int | None = None
+    """Keep at most this many training rows (quick runs, CI); evaluation sets shrink to limit/4."""
+
+    def __post_init__(self) -> None:
+        if self.path is None and self.train is None:
+            raise ValueError("give data.path or data.train")
+        for k in ("val_frac", "test_frac"):
+            if not 0.0 <= getattr(self, k) < 0.5:
+                raise ValueError(f"{k} must be in [0, 0.5)")
+        if self.limit is not None and self.limit < 2:
+            raise ValueError("limit must be >= 2")
+
+
+@dataclass
+class ModelConfig:
+    base: str = "minilm-l6"
+    """Base model: a local HF directory, a packaged name (minilm-l6) or a Hub id (org/name)."""
+    max_length: int = 128
+    """Longest input in tokens; longer inputs are truncated."""
+
+    def __post_init__(self) -> None:
+        if not 8 <= self.max_length <= 8192:
+            raise ValueError("max_length must be in [8, 8192]")
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 3.0
+    """Passes over the training data (fractions allowed)."""
+    batch_size: int = 32
+    """Examples per optimizer step."""
+    lr: float = 5e-5
+    """Peak learning rate of AdamW."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay (not applied to biases and LayerNorm weights)."""
+    warmup_ratio: float = 0.06
+    """Share of steps spent warming the learning rate up linearly; it then decays linearly to 0."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping by global norm (0 disables)."""
+    evals_per_epoch: int = 2
+    """Validation passes per epoch (early stopping, best checkpoint); 0 = none, keep the last weights."""
+    patience: int = 3
+    """Stop after this many validation passes without improvement (0 disables early stopping)."""
+    metric: Literal["accuracy", "macro_f1"] = "accuracy"
+    """Validation metric for early stopping and choosing the best checkpoint."""
+    seed: int = 42
+    """Seed for initialisation, dropout and batch order."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """'auto' uses bf16 autocast only where a measured GEMM shows the CPU/GPU runs bf16 faster than fp32."""
+    fast_path: bool = True
+    """Use lmloop's exact fast forward for BERT-family classifiers (last layer computes only [CLS])."""
+    freeze_embeddings: bool = False
+    """Freeze the word-embedding matrix (half of MiniLM's parameters): faster steps, see benchmarks/finetune.py."""
+    window: int = 64
+    """Length grouping: batches are formed from windows of this many batches sorted by length."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (overrides epochs)."""
+    checkpoint_every: int = 200
+    """Steps between atomic checkpoints (also written at every validation pass)."""
+    threads: int | None = None
+    """CPU threads for torch (default: all cores)."""
+
+    def __post_init__(self) -> None:
+        if self.epochs <= 0:
+            raise ValueError("epochs must be > 0")
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        if not 0 < self.lr < 1:
+            raise ValueError("lr must be in (0, 1)")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError("warmup_ratio must be in [0, 1)")
+        if self.evals_per_epoch < 0:
+            raise ValueError("evals_per_epoch must be >= 0")
+
+
+@dataclass
+class TrackingConfig:
+    uri: str | None = None
+    """MLflow tracking URI; default: $MLFLOW_TRACKING_URI, else sqlite:///<LMLOOP_HOME>/mlflow.db."""
+    experiment: str = "lmloop"
+    """MLflow experiment name."""
+    enabled: bool = True
+    """Set false to skip tracking entirely."""
+
+
+@dataclass
+class Recipe:
+    name: str = "run"
+    """A short name for the run (also the default MLflow run name)."""
+    out: str = "runs/run"
+    """Output directory: the fine-tuned HF model, metrics.json, data card, report.html, checkpoints."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Validation: YAML node -> dataclass, with file/line/key in every error.
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        names = " or ".join(_type_name(a) for a in args)
+        return f"{names} or null" if len(args) < len(typing.get_args(tp)) else names
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _where(src: str, node: Any) -> str:
+    mark = getattr(node, "start_mark", None)
+    if mark is None:
+        return src
+    return f"{src}, line {mark.line + 1}, column {mark.column + 1}"
+
+
+def _convert(value: Any, tp: Any, key: str, src: str, node: Any) -> Any:
+    """Check one value against its annotated type; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(value, a, key, src, node)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{_where(src, node)}: '{key}' must be {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ConfigError(f"{_where(src, node)}: '{key}' must be {_type_name(tp)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key, src, node)
+    ok = (
+        (tp is float and isinstance(value, (int, float)) and not isinstance(value, bool))
+        or (tp is int and isinstance(value, int) and not isinstance(value, bool))
+        or (tp is bool and isinstance(value, bool))
+        or (tp is str and isinstance(value, str))
+    )
+    if not ok:
+        # YAML 1.1 reads 5e-5 as a string; accept numeric strings for floats, as a user would expect.
+        if tp is float and isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(
+            f"{_where(src, node)}: '{key}' must be {_type_name(tp)}, got {type(value).__name__} {value!r}"
+        )
+    return float(value) if tp is float else value
+
+
+def _build(cls: type, data: Any, prefix: str, src: str, node: Any = None) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{_where(src, node)}: '{prefix or 'recipe'}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    child_nodes = _children(node)
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        knode = child_nodes.get(k, (None, None))
+        if k not in names:
+            close = difflib.get_close_matches(str(k), names, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(
+                f"{_where(src, knode[0])}: unknown key '{key}'{hint}; expected one of: {', '.join(names)}"
+            )
+        kwargs[k] = _convert(v, hints[k], key, src, knode[1])
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        raise ConfigError(f"{_where(src, node)}: '{prefix or 'recipe'}': {e}") from None
+
+
+def _children(node: Any) -> dict:
+    import yaml
+
+    if not isinstance(node, yaml.MappingNode):
+        return {}
+    out = {}
+    for knode, vnode in node.value:
+        out[knode.value] = (knode, vnode)
+    return out
+
+
+def recipe_from_dict(data: dict, source: str = "<recipe>") -> Recipe:
+    """Validate a plain dict (e.g. built from CLI flags) into a :class:`Recipe`."""
+    return _build(Recipe, data, "", source)
+
+
+def load_recipe(path: str | Path, overrides: dict | None = None) -> Recipe:
+    """Read and validate a recipe YAML; ``overrides`` (dotted keys -> values) are applied on top."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: recipe file not found")
+    text = p.read_text(encoding="utf-8")
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{p}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(p)
+        raise ConfigError(f"{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
+    for dotted, value in (overrides or {}).items():
+        cur = data if isinstance(data, dict) else {}
+        data = cur
+        *parents, last = dotted.split(".")
+        for part in parents:
+            cur = cur.setdefault(part, {})
+        cur[last] = value
+    return _build(Recipe, data, "", str(p), node)
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    return dataclasses.asdict(recipe)
+
+
+def describe_schema(cls: type = Recipe, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(key, type, default, help) rows for every recipe key, from the attribute docstrings."""
+    import ast
+    import inspect
+
+    docs: dict[str, str] = {}
+    try:
+        tree = ast.parse(inspect.getsource(cls))
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        for a, b in zip(body, body[1:], strict=False):
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
+                docs[a.target.id] = str(b.value.value)  # type: ignore[union-attr]
+    except (OSError, TypeError):
+        pass
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows += describe_schema(hints[f.name], key + ".")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else ""
+        rows.append((key, _type_name(hints[f.name]), repr(default), docs.get(f.name, "")))
+    return rows

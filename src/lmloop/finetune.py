@@ -1,0 +1,297 @@
+"""Fine-tuning: sequence classification on any HF encoder directory, driven by a recipe.
+
+``run_recipe`` is the one path behind ``lmloop finetune`` and ``lmloop run``:
+data (load, validate, dedupe, split, fingerprint, card) -> tokenize once -> :func:`lmloop.train.train_loop`
+(length-grouped batches, measured precision, AdamW + warm-up/decay, early stopping, atomic checkpoints)
+-> best weights -> test metrics, report -> a standard HF model directory -> MLflow.
+
+Output directory::
+
+    config.json, model.safetensors, tokenizer files   # from_pretrained works without lmloop
+    lmloop.json        labels, max_length, base model, data fingerprints
+    metrics.json       {"validation": {...}, "test": {...}, "train": {...}}
+    data_card.json/md, report.html, history.json, recipe.yaml
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from lmloop.config import Recipe
+from lmloop.errors import LmloopError
+
+
+def _say(msg: str) -> None:
+    print(f"[lmloop] {msg}", file=sys.stderr, flush=True)
+
+
+def load_recipe_data(recipe: Recipe):
+    """Load and prepare the recipe's data (see :mod:`lmloop.data`)."""
+    from lmloop.data import load_data
+
+    d = recipe.data
+    return load_data(
+        d.path if d.train is None else None,
+        train=d.train,
+        validation=d.validation,
+        test=d.test,
+        format=d.format,
+        text_column=d.text_column,
+        label_column=d.label_column,
+        domain_column=d.domain_column,
+        seed=d.seed,
+        val_frac=d.val_frac,
+        test_frac=d.test_frac,
+        max_chars=d.max_chars,
+        limit=d.limit,
+    )
+
+
+def label_ids(frame, labels: list[str]) -> np.ndarray:
+    index = {lab: i for i, lab in enumerate(labels)}
+    return np.array([index[x] for x in frame["label"]], dtype=np.int64)
+
+
+def evaluate_split(predictor, frame, labels: list[str]) -> dict:
+    """Metrics of a predictor on a prepared split (per domain when the split has one)."""
+    from lmloop.evaluate import compute_metrics
+
+    probs = predictor.predict_proba(list(frame["text"]))
+    domains = list(frame["domain"]) if "domain" in frame.columns else None
+    return compute_metrics(label_ids(frame, labels), probs, labels, domains=domains)
+
+
+def run_recipe(
+    recipe: Recipe, *, resume: bool = False, progress: bool = True, recipe_path: str | None = None
+) -> dict:
+    """Run data -> fine-tune -> evaluate -> record for one recipe; returns the metrics dict."""
+    import torch
+    import yaml
+
+    from lmloop.assets import resolve_model
+    from lmloop.data import write_card
+    from lmloop.evaluate import write_metrics_json, write_report
+    from lmloop.infer.predictor import META_FILE, Predictor
+    from lmloop.mlops.tracking import Tracker
+    from lmloop.models import classifier_logits, load_classifier, supports_fast_path
+    from lmloop.train import LoopConfig, pad_batch, pick_precision, set_seed, train_loop
+
+    t_start = time.perf_counter()
+    tc, out = recipe.train, Path(recipe.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+
+    # -- data -------------------------------------------------------------------------------------------
+    data = load_recipe_data(recipe)
+    labels = data.labels
+    write_card(data.card, out)
+    _say(
+        f"data: train {len(data.train)}, validation {len(data.validation)}, test {len(data.test)}; "
+        f"labels {labels}; card -> {out / 'data_card.md'}"
+    )
+
+    # -- model ------------------------------------------------------------------------------------------
+    set_seed(tc.seed)
+    base = resolve_model(recipe.model.base)
+    tok, model = load_classifier(base, labels=labels)
+    if tc.freeze_embeddings:
+        model.get_input_embeddings().weight.requires_grad_(False)
+    precision = pick_precision(tc.precision)
+    fast = tc.fast_path and supports_fast_path(model)
+    _say(
+        f"model: {recipe.model.base} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), "
+        f"precision {precision}, fast path {'on' if fast else 'off'}, {torch.get_num_threads()} threads"
+    )
+
+    max_len = recipe.model.max_length
+    train_ids = tok(list(data.train["text"]), truncation=True, max_length=max_len)["input_ids"]
+    train_y = torch.from_numpy(label_ids(data.train, labels))
+    lengths = [len(x) for x in train_ids]
+    pad = tok.pad_token_id or 0
+
+    def make_batch(idx):
+        ids, mask = pad_batch([train_ids[i] for i in idx], pad)
+        return {"input_ids": ids, "attention_mask": mask, "labels": train_y[idx], "_tokens": int(mask.sum())}
+
+    def loss_fn(m, b):
+        logits = classifier_logits(m, b["input_ids"], b["attention_mask"], fast=fast)
+        return torch.nn.functional.cross_entropy(logits.float(), b["labels"])
+
+    predictor = Predictor(
+        model, tok, labels=labels, max_length=max_len, batch_size=128, precision=precision, fast=fast
+    )
+    val_ids = predictor.encode(list(data.validation["text"]))
+    val_y = label_ids(data.validation, labels)
+
+    def evaluate() -> dict:
+        from sklearn.metrics import f1_score
+
+        probs = predictor.predict_ids(val_ids)
+        pred = probs.argmax(1)
+        p_true = np.clip(probs[np.arange(len(val_y)), val_y], 1e-12, 1)
+        return {
+            "accuracy": float((pred == val_y).mean()),
+            "macro_f1": float(f1_score(val_y, pred, average="macro", zero_division=0)),
+            "loss": float(-np.log(p_true).mean()),
+        }
+
+    # -- tracking ---------------------------------------------------------------------------------------
+    tracker = Tracker(
+        uri=recipe.tracking.uri, experiment=recipe.tracking.experiment, enabled=recipe.tracking.enabled
+    )
+    params = {
+        "recipe": asdict(recipe),
+        "precision": precision,
+        "fast_path": fast,
+        "data.fingerprint": data.card.get("fingerprints", {}),
+        "n_train": len(data.train),
+    }
+    tracker.start(
+        recipe.name, params=params, tags={"lmloop.stage": "finetune", "lmloop.out": str(out.resolve())}
+    )
+    try:
+        loop_cfg = LoopConfig(
+            epochs=tc.epochs,
+            batch_size=tc.batch_size,
+            lr=tc.lr,
+            weight_decay=tc.weight_decay,
+            warmup_ratio=tc.warmup_ratio,
+            max_grad_norm=tc.max_grad_norm,
+            evals_per_epoch=tc.evals_per_epoch,
+            patience=tc.patience,
+            metric=tc.metric,
+            seed=tc.seed,
+            precision=precision,
+            window=tc.window,
+            max_steps=tc.max_steps,
+            checkpoint_every=tc.checkpoint_every,
+        )
+        result = train_loop(
+            model,
+            cfg=loop_cfg,
+            lengths=lengths,
+            make_batch=make_batch,
+            loss_fn=loss_fn,
+            evaluate=evaluate if tc.evals_per_epoch else None,
+            out_dir=out,
+            resume=resume,
+            log=tracker.log_metrics,
+            progress=progress,
+        )
+
+        # -- best weights, final evaluation --------------------------------------------------------------
+        best = out / "checkpoints" / "best" / "model.safetensors"
+        if best.is_file():
+            from safetensors.torch import load_file
+
+            model.load_state_dict(load_file(str(best)), strict=False)
+        model.eval()
+        metrics = {
+            "validation": evaluate_split(predictor, data.validation, labels),
+            "test": evaluate_split(predictor, data.test, labels),
+            "train": {
+                "steps": result.global_step,
+                "examples": result.examples_seen,
+                "tokens": result.tokens_seen,
+                "seconds": round(result.train_seconds, 2),
+                "examples_per_s": round(result.examples_seen / max(result.train_seconds, 1e-9), 2),
+                "best_step": result.best_step,
+                "best_val": result.best_metric,
+                "stopped_early": result.stopped_early,
+                "precision": precision,
+                "fast_path": fast,
+            },
+        }
+        metrics["wall_seconds"] = round(time.perf_counter() - t_start, 2)
+
+        # -- outputs -------------------------------------------------------------------------------------
+        model.save_pretrained(out, safe_serialization=True)
+        tok.save_pretrained(out)
+        meta = {
+            "task": "classification",
+            "labels": labels,
+            "max_length": max_len,
+            "base_model": recipe.model.base,
+            "data_fingerprints": data.card.get("fingerprints", {}),
+            "data_source": data.source,
+            "lmloop_version": _version(),
+            "mlflow_run_id": tracker.run_id,
+        }
+        (out / META_FILE).write_text(json.dumps(meta, indent=2))
+        write_metrics_json(metrics, out / "metrics.json")
+        (out / "history.json").write_text(json.dumps(result.history))
+        (out / "recipe.yaml").write_text(yaml.safe_dump(asdict(recipe), sort_keys=False))
+        write_report(
+            metrics["test"],
+            out / "report.html",
+            title=f"{recipe.name}: test set",
+            model=str(recipe.model.base),
+            data=data.card,
+            history=result.history,
+            extra={"out": str(out), "recipe": recipe_path or "(flags)", **metrics["train"]},
+        )
+        # the final model is in place: drop the resumable state (it is 3x the model's size)
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+
+        tracker.log_metrics(
+            {
+                "test": _scalars(metrics["test"]),
+                "validation": _scalars(metrics["validation"]),
+                "train": {k: v for k, v in metrics["train"].items() if isinstance(v, (int, float))},
+            },
+            step=result.global_step,
+        )
+        for name in (
+            "metrics.json",
+            "data_card.json",
+            "data_card.md",
+            "report.html",
+            "history.json",
+            "recipe.yaml",
+        ):
+            tracker.log_artifact(out / name, "reports")
+        if _model_files_small(out):
+            tracker.log_artifact(out, "model")
+        tracker.end("FINISHED")
+    except BaseException:
+        tracker.end("KILLED" if sys.exc_info()[0] is KeyboardInterrupt else "FAILED")
+        raise
+    return metrics
+
+
+def _model_files_small(out: Path) -> bool:
+    # the model directory goes to MLflow as an artifact; guard against logging a multi-GB model by accident
+    total = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    return total < 2 * 1024**3
+
+
+def _scalars(m: dict) -> dict:
+    out = {k: v for k, v in m.items() if isinstance(v, (int, float))}
+    for dom, dm in (m.get("per_domain") or {}).items():
+        out[f"domain.{dom}.accuracy"] = dm.get("accuracy")
+    return out
+
+
+def _version() -> str:
+    from lmloop import __version__
+
+    return __version__
+
+
+def check_out_dir(out: Path, resume: bool) -> None:
+    """Refuse to overwrite a finished model unless resuming/forced: the user's model is data too."""
+    if resume:
+        return
+    if (out / "metrics.json").is_file() or (out / "checkpoints" / "last").exists():
+        raise LmloopError(
+            f"{out} already holds a run; pass --resume to continue it, --force to overwrite, "
+            "or choose another --out"
+        )

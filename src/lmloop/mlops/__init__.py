@@ -1,0 +1,1 @@
+"""MLOps: tracking now; registry, monitoring and the feedback loop build on it."""
