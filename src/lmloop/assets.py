@@ -351,13 +351,16 @@ def resolve_model(ref: str | os.PathLike | None) -> str:
             raise AssetError(f"'{ref}' is a packaged data set, not a model")
         return str(fetch(ref))
     if ref.startswith("hf:"):
-        ref = ref[3:]
-    if _HUB_ID.match(ref) and not ref.startswith((".", "/")):
+        return ref[3:]  # explicitly a Hub id
+    # "runs/nope" looks like a Hub id too: if its first part is a local folder, it was meant as a path
+    looks_local = ref.startswith((".", "/", "~")) or Path(ref.split("/", 1)[0]).is_dir()
+    if _HUB_ID.match(ref) and not looks_local:
         return ref
     models = ", ".join(n for n, a in ASSETS.items() if a.kind == "model")
+    hint = f"; write hf:{ref} if you meant a Hub id" if looks_local and _HUB_ID.match(ref) else ""
     raise AssetError(
         f"model '{ref}' not found: it is not a local directory, not a packaged model ({models}) "
-        "and not a Hugging Face Hub id (org/name)"
+        f"and not a Hugging Face Hub id (org/name){hint}"
     )
 
 

@@ -173,23 +173,11 @@ def _finish(metrics: dict, out: str) -> None:
     print(f"model: {out}   report: {Path(out) / 'report.html'}   metrics: {Path(out) / 'metrics.json'}")
 
 
-def _prepare_out(out: str, resume: bool, force: bool) -> None:
-    import shutil
-
-    from lmloop.finetune import check_out_dir
-
-    p = Path(out)
-    if force and p.exists() and not resume:
-        shutil.rmtree(p)
-    check_out_dir(p, resume)
-
-
 def cmd_finetune(a: argparse.Namespace) -> int:
     from lmloop.finetune import run_recipe
 
     recipe = _recipe_from_flags(a)
-    _prepare_out(recipe.out, a.resume, a.force)
-    metrics = run_recipe(recipe, resume=a.resume, progress=not a.quiet)
+    metrics = run_recipe(recipe, resume=a.resume, force=a.force, progress=not a.quiet)
     _finish(metrics, recipe.out)
     return 0
 
@@ -211,8 +199,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     if a.out:
         overrides["out"] = a.out
     recipe = load_recipe(a.recipe, overrides)
-    _prepare_out(recipe.out, a.resume, a.force)
-    metrics = run_recipe(recipe, resume=a.resume, progress=not a.quiet, recipe_path=a.recipe)
+    metrics = run_recipe(recipe, resume=a.resume, force=a.force, progress=not a.quiet, recipe_path=a.recipe)
     _finish(metrics, recipe.out)
     return 0
 

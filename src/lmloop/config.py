@@ -50,7 +50,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if self.path is None and self.train is None:
-            raise ValueError("give data.path or data.train")
+            raise ValueError("path is null and no train file is given: give data.path or data.train")
         for k in ("val_frac", "test_frac"):
             if not 0.0 <= getattr(self, k) < 0.5:
                 raise ValueError(f"{k} must be in [0, 0.5)")
@@ -108,8 +108,8 @@ class TrainConfig:
     """CPU threads for torch (default: all cores)."""
 
     def __post_init__(self) -> None:
-        if self.epochs <= 0:
-            raise ValueError("epochs must be > 0")
+        if not (0 < self.epochs < float("inf")):
+            raise ValueError("epochs must be a finite number > 0")
         if self.batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         if not 0 < self.lr < 1:
@@ -206,7 +206,9 @@ def _convert(value: Any, tp: Any, key: str, src: str, node: Any) -> Any:
     return float(value) if tp is float else value
 
 
-def _build(cls: type, data: Any, prefix: str, src: str, node: Any = None) -> Any:
+def _build(
+    cls: type, data: Any, prefix: str, src: str, node: Any = None, overridden: frozenset = frozenset()
+) -> Any:
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -218,16 +220,30 @@ def _build(cls: type, data: Any, prefix: str, src: str, node: Any = None) -> Any
     for k, v in data.items():
         key = f"{prefix}.{k}" if prefix else str(k)
         knode = child_nodes.get(k, (None, None))
+        ksrc = src
+        if key in overridden:  # a --set value: the file is not to blame
+            ksrc, knode = f"--set {key}", (None, None)
         if k not in names:
             close = difflib.get_close_matches(str(k), names, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(
-                f"{_where(src, knode[0])}: unknown key '{key}'{hint}; expected one of: {', '.join(names)}"
+                f"{_where(ksrc, knode[0])}: unknown key '{key}'{hint}; expected one of: {', '.join(names)}"
             )
-        kwargs[k] = _convert(v, hints[k], key, src, knode[1])
+        if dataclasses.is_dataclass(hints[k]):
+            kwargs[k] = _build(hints[k], v, key, src, knode[1], overridden)
+        else:
+            kwargs[k] = _convert(v, hints[k], key, ksrc, knode[1])
     try:
         return cls(**kwargs)
     except ValueError as e:
+        # __post_init__ messages start with the field name: point at that key's line, not the section's
+        field_name = str(e).split(" ", 1)[0]
+        if field_name in names:
+            key = f"{prefix}.{field_name}" if prefix else field_name
+            if key in overridden:
+                raise ConfigError(f"--set {key}: {e}") from None
+            vnode = child_nodes.get(field_name, (None, node))[1]
+            raise ConfigError(f"{_where(src, vnode)}: '{key}': {e}") from None
         raise ConfigError(f"{_where(src, node)}: '{prefix or 'recipe'}': {e}") from None
 
 
@@ -262,14 +278,17 @@ def load_recipe(path: str | Path, overrides: dict | None = None) -> Recipe:
         mark = getattr(e, "problem_mark", None)
         where = f"{p}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(p)
         raise ConfigError(f"{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(data, dict):
+        data = {} if data is None else data
     for dotted, value in (overrides or {}).items():
-        cur = data if isinstance(data, dict) else {}
-        data = cur
+        cur = data
         *parents, last = dotted.split(".")
         for part in parents:
-            cur = cur.setdefault(part, {})
+            if not isinstance(cur.get(part), dict):  # an empty section (`train:`) loads as None
+                cur[part] = {}
+            cur = cur[part]
         cur[last] = value
-    return _build(Recipe, data, "", str(p), node)
+    return _build(Recipe, data, "", str(p), node, frozenset(overrides or {}))
 
 
 def recipe_to_dict(recipe: Recipe) -> dict:

@@ -69,9 +69,18 @@ def evaluate_split(predictor, frame, labels: list[str]) -> dict:
 
 
 def run_recipe(
-    recipe: Recipe, *, resume: bool = False, progress: bool = True, recipe_path: str | None = None
+    recipe: Recipe,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    progress: bool = True,
+    recipe_path: str | None = None,
 ) -> dict:
-    """Run data -> fine-tune -> evaluate -> record for one recipe; returns the metrics dict."""
+    """Run data -> fine-tune -> evaluate -> record for one recipe; returns the metrics dict.
+
+    An existing run in ``recipe.out`` is continued with ``resume``, replaced with ``force`` (only once
+    the new data has validated, so a typo never costs the old model), and otherwise refused.
+    """
     import torch
     import yaml
 
@@ -85,13 +94,17 @@ def run_recipe(
 
     t_start = time.perf_counter()
     tc, out = recipe.train, Path(recipe.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if not force:
+        check_out_dir(out, resume)
     if tc.threads:
         torch.set_num_threads(tc.threads)
 
     # -- data -------------------------------------------------------------------------------------------
     data = load_recipe_data(recipe)
     labels = data.labels
+    if force and not resume and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
     write_card(data.card, out)
     _say(
         f"data: train {len(data.train)}, validation {len(data.validation)}, test {len(data.test)}; "
@@ -288,7 +301,14 @@ def _version() -> str:
 
 def check_out_dir(out: Path, resume: bool) -> None:
     """Refuse to overwrite a finished model unless resuming/forced: the user's model is data too."""
+    from lmloop.train import find_checkpoint
+
     if resume:
+        if (out / "metrics.json").is_file() and find_checkpoint(out / "checkpoints" / "last") is None:
+            raise LmloopError(
+                f"{out} holds a finished run (metrics.json, no checkpoint): nothing to resume; "
+                "use --force to retrain it or choose another --out"
+            )
         return
     if (out / "metrics.json").is_file() or (out / "checkpoints" / "last").exists():
         raise LmloopError(

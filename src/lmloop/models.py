@@ -34,8 +34,16 @@ def load_classifier(ref: str, *, labels: list[str] | None = None):
             id2label=dict(enumerate(labels)),
             label2id={lab: i for i, lab in enumerate(labels)},
         )
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    model = _quiet(lambda: AutoModelForSequenceClassification.from_pretrained(path, **kwargs))
+    from lmloop.errors import AssetError
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        model = _quiet(lambda: AutoModelForSequenceClassification.from_pretrained(path, **kwargs))
+    except (OSError, ValueError, KeyError) as e:
+        raise AssetError(
+            f"could not load a classifier from '{ref}' ({path}): {str(e).splitlines()[0][:300]}. Expected a Hugging "
+            "Face model directory with config.json, model.safetensors and tokenizer files"
+        ) from None
     return tok, model
 
 
@@ -57,6 +65,8 @@ def supports_fast_path(model) -> bool:
     cfg = model.config
     return (
         cfg.model_type in FAST_PATH_TYPES
+        # the boolean (B, 1, 1, T) mask below is what SDPA takes; eager attention adds masks to scores
+        and getattr(cfg, "_attn_implementation", None) == "sdpa"
         and type(model).__name__ == "BertForSequenceClassification"
         and not getattr(cfg, "is_decoder", False)
         and getattr(cfg, "position_embedding_type", "absolute") == "absolute"

