@@ -11,13 +11,14 @@ same epochs and seed; each measured by Trainer's own ``train_samples_per_second`
 lmloop variants (``lmloop.finetune.run_recipe``, tracking off, no mid-training evaluation so every
 contender does the same work): ``lmloop`` (defaults: length-grouped batches from pre-tokenised ids,
 fused AdamW, exact [CLS]-only last layer), ``lmloop-nofast`` (fast path off) and ``lmloop-frozen-emb``
-(+ frozen word embeddings). Runs alternate b/lmloop across ``--repeats`` so machine noise hits both.
+(+ frozen word embeddings) and ``lmloop-trained-emb``. Runs alternate (b)/lmloop per seed and
+repeat, so machine noise hits both.
 
 Prints examples/s, test accuracy and the ratios lmloop/(a) and lmloop/(b).
 
   python benchmarks/finetune.py --quick          # < 3 min: 1,000 training examples, 1 epoch
   python benchmarks/finetune.py                  # full vader-sentiment train split, 1 epoch
-  python benchmarks/finetune.py --epochs 3 --ablations --repeats 2
+  python benchmarks/finetune.py --limit 4000 --seeds 42,43,44 --skip-a   # accuracy parity over seeds
 """
 
 from __future__ import annotations
@@ -96,7 +97,10 @@ def hf_trainer_run(
     }
 
 
-def lmloop_run(data_limit, *, epochs: float, seed: int, max_length: int, fast: bool, freeze: bool) -> dict:
+def lmloop_run(
+    data_limit, *, epochs: float, seed: int, max_length: int, fast: bool, freeze: bool | None
+) -> dict:
+    """One lmloop fine-tune; ``freeze=None`` keeps the recipe default."""
     from lmloop.config import recipe_from_dict
     from lmloop.finetune import run_recipe
 
@@ -115,7 +119,7 @@ def lmloop_run(data_limit, *, epochs: float, seed: int, max_length: int, fast: b
                     "evals_per_epoch": 0,
                     "patience": 0,
                     "fast_path": fast,
-                    "freeze_embeddings": freeze,
+                    **({} if freeze is None else {"freeze_embeddings": freeze}),
                 },
                 "tracking": {"enabled": False},
             }
@@ -128,15 +132,25 @@ def lmloop_run(data_limit, *, epochs: float, seed: int, max_length: int, fast: b
     }
 
 
+# variant -> (fast path, freeze word embeddings)
+VARIANTS = {"nofast": (False, False), "frozen-emb": (True, True), "trained-emb": (True, False)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="1,000 training examples, 1 epoch (< 3 min)")
     ap.add_argument("--limit", type=int, help="training examples (default: all, or 1000 with --quick)")
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--repeats", type=int, default=1, help="alternate (b) and lmloop this many times")
-    ap.add_argument("--ablations", action="store_true", help="also run lmloop-nofast and lmloop-frozen-emb")
+    ap.add_argument("--ablations", action="store_true", help="also run every lmloop variant (see --variants)")
+    ap.add_argument("--variants", help=f"comma-separated lmloop variants to add: {', '.join(VARIANTS)}")
     ap.add_argument("--skip-a", action="store_true", help="skip the slow run_glue-style baseline")
-    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument(
+        "--seeds",
+        default="42",
+        help="comma-separated training seeds; each seed runs (b) and "
+        "lmloop back to back, and accuracy is reported as mean ± std over seeds",
+    )
     ap.add_argument("--json", metavar="FILE", help="also write the results here")
     args = ap.parse_args()
 
@@ -160,9 +174,9 @@ def main() -> int:
 
     runs: dict[str, list[dict]] = {}
 
-    def record(name, fn):
+    def record(name, fn, **kw):
         t = time.perf_counter()
-        r = fn()
+        r = fn(**kw)
         runs.setdefault(name, []).append(r)
         print(
             f"  {name:18s} {r['examples_per_s']:8.1f} ex/s  acc {r['accuracy']:.4f}  "
@@ -170,32 +184,50 @@ def main() -> int:
             flush=True,
         )
 
-    common = dict(epochs=args.epochs, seed=args.seed, max_length=128)
+    seeds = [int(x) for x in args.seeds.split(",")]
+    variants = list(VARIANTS) if args.ablations else [v for v in (args.variants or "").split(",") if v]
+    for v in variants:
+        if v not in VARIANTS:
+            ap.error(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
     if not args.skip_a:
-        record("(a) run_glue", lambda: hf_trainer_run(data, labels, style="a", precision="fp32", **common))
-    for _ in range(args.repeats):
+        common = dict(epochs=args.epochs, seed=seeds[0], max_length=128)
         record(
-            "(b) HF careful", lambda: hf_trainer_run(data, labels, style="b", precision=precision, **common)
+            "(a) run_glue", hf_trainer_run, data=data, labels=labels, style="a", precision="fp32", **common
         )
-        record("lmloop", lambda: lmloop_run(limit, fast=True, freeze=False, **common))
-        if args.ablations:
-            record("lmloop-nofast", lambda: lmloop_run(limit, fast=False, freeze=False, **common))
-            record("lmloop-frozen-emb", lambda: lmloop_run(limit, fast=True, freeze=True, **common))
+    for seed in seeds:
+        common = dict(epochs=args.epochs, seed=seed, max_length=128)
+        for _ in range(args.repeats):
+            record(
+                "(b) HF careful",
+                hf_trainer_run,
+                data=data,
+                labels=labels,
+                style="b",
+                precision=precision,
+                **common,
+            )
+            record("lmloop", lmloop_run, data_limit=limit, fast=True, freeze=None, **common)
+            for v in variants:
+                fast, freeze = VARIANTS[v]
+                record(f"lmloop-{v}", lmloop_run, data_limit=limit, fast=fast, freeze=freeze, **common)
 
     summary = {
         k: {
             "examples_per_s": statistics.median(r["examples_per_s"] for r in v),
             "accuracy": float(np.mean([r["accuracy"] for r in v])),
+            "accuracy_std": float(np.std([r["accuracy"] for r in v], ddof=1)) if len(v) > 1 else 0.0,
             "runs": v,
         }
         for k, v in runs.items()
     }
     ours = summary["lmloop"]
-    print("\nconfig               examples/s   test acc   lmloop speed-up")
+    print(
+        f"\nconfig               examples/s   test acc (mean ± std, {len(seeds)} seed(s))   lmloop speed-up"
+    )
     for k, s in summary.items():
         print(
-            f"{k:20s} {s['examples_per_s']:10.1f}   {s['accuracy']:.4f}    "
-            f"{ours['examples_per_s'] / s['examples_per_s']:6.2f}x"
+            f"{k:20s} {s['examples_per_s']:10.1f}   {s['accuracy']:.4f} ± {s['accuracy_std']:.4f}"
+            f"                  {ours['examples_per_s'] / s['examples_per_s']:6.2f}x"
         )
     for base, target in (("(a) run_glue", 4.0), ("(b) HF careful", 1.2)):
         if base in summary:

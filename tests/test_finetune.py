@@ -31,6 +31,8 @@ def finetuned(tmp_path_factory, tiny_model_dir, toy_csv):
                 "--batch-size", str(BATCH),
                 "--lr", "5e-3",
                 "--patience", "0",
+                # the tiny model's embeddings are random: unlike a pretrained model's, they must train
+                "--no-freeze-embeddings",
                 "--precision", "fp32",
                 "--name", "toy-run",
                 "--experiment", "lmloop-tests",
@@ -201,3 +203,67 @@ def test_resume_of_a_finished_run_does_not_overwrite_it(finetuned, tmp_path, toy
     )  # fmt: skip
     assert (copy / "metrics.json").read_text() == before
     assert code == 2 and "Traceback" not in err
+
+
+def test_resume_after_a_crash_continues_the_same_mlflow_run(
+    tmp_path, tiny_model_dir, toy_csv, mlflow_uri, monkeypatch
+):
+    """A run that dies after training (here: in the final evaluation) resumes from its last checkpoint and
+    finishes the MLflow run it started, rather than leaving it FAILED and opening a second one."""
+    from mlflow.tracking import MlflowClient
+
+    import lmloop.finetune as ft
+    from lmloop.cli import main
+
+    out = tmp_path / "out"
+    argv = [
+        "finetune", "--data", str(toy_csv), "--domain-column", "domain", "--model", str(tiny_model_dir),
+        "--max-steps", "6", "--batch-size", "16", "--precision", "fp32", "--experiment", "resume-test",
+        "--out", str(out), "--quiet",
+    ]  # fmt: skip
+    real = ft.evaluate_split
+
+    def crash(*a, **k):
+        raise RuntimeError("simulated crash in the final evaluation")
+
+    monkeypatch.setattr(ft, "evaluate_split", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main(argv)
+    run_id = json.loads((out / "run.json").read_text())["mlflow_run_id"]
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    assert client.get_run(run_id).info.status == "FAILED"
+    assert (out / "checkpoints" / "last" / "state.json").is_file()
+
+    monkeypatch.setattr(ft, "evaluate_split", real)
+    assert main([*argv, "--resume"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["train"]["steps"] == 6
+    exp = client.get_experiment_by_name("resume-test")
+    runs = client.search_runs([exp.experiment_id])
+    assert [r.info.run_id for r in runs] == [run_id]  # no second run
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert "test.accuracy" in run.data.metrics
+
+
+def test_word_embeddings_frozen_by_default_and_trained_on_request(
+    finetuned, tmp_path, tiny_model_dir, toy_csv
+):
+    from safetensors.torch import load_file
+
+    from lmloop.cli import main
+
+    key = "bert.embeddings.word_embeddings.weight"
+    base = load_file(str(tiny_model_dir / "model.safetensors"))[key]
+    out = tmp_path / "frozen"
+    argv = ["finetune", "--data", str(toy_csv), "--model", str(tiny_model_dir), "--max-steps", "4",
+            "--precision", "fp32", "--no-track", "--quiet", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    frozen = load_file(str(out / "model.safetensors"))
+    assert frozen[key].equal(base)  # default: the embedding matrix is not touched
+    assert not frozen["bert.encoder.layer.0.attention.self.query.weight"].equal(
+        load_file(str(tiny_model_dir / "model.safetensors"))[
+            "bert.encoder.layer.0.attention.self.query.weight"
+        ]
+    )
+    trained = load_file(str(finetuned[0] / "model.safetensors"))  # ran with --no-freeze-embeddings
+    assert not trained[key].equal(base)

@@ -127,23 +127,11 @@ def _recipe_from_flags(a: argparse.Namespace):
             "precision": a.precision,
             "max_steps": a.max_steps,
             "patience": a.patience,
-            "freeze_embeddings": a.freeze_embeddings or None,
+            "freeze_embeddings": a.freeze_embeddings,
         }.items()
         if v is not None
     }
-    data = {
-        k: v
-        for k, v in {
-            "path": a.data,
-            "format": a.format,
-            "text_column": a.text_column,
-            "label_column": a.label_column,
-            "domain_column": a.domain_column,
-            "seed": a.data_seed,
-            "limit": a.limit,
-        }.items()
-        if v is not None
-    }
+    data = {k: v for k, v in _data_kwargs(a).items() if v is not None}
     model = {"base": a.model or "minilm-l6"}
     if a.max_length:
         model["max_length"] = a.max_length
@@ -379,7 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision", choices=["auto", "fp32", "bf16"], help="default auto: bf16 only where measured faster"
     )
     g.add_argument(
-        "--freeze-embeddings", action="store_true", help="freeze the word-embedding matrix (faster)"
+        "--freeze-embeddings",
+        action=argparse.BooleanOptionalAction,
+        help="keep the word-embedding matrix fixed (default: yes; 6%% faster, same accuracy in our benchmark)",
     )
     _add_run_args(s)
     s.set_defaults(fn=cmd_finetune)

@@ -96,8 +96,9 @@ class TrainConfig:
     """'auto' uses bf16 autocast only where a measured GEMM shows the CPU/GPU runs bf16 faster than fp32."""
     fast_path: bool = True
     """Use lmloop's exact fast forward for BERT-family classifiers (last layer computes only [CLS])."""
-    freeze_embeddings: bool = False
-    """Freeze the word-embedding matrix (half of MiniLM's parameters): faster steps, see benchmarks/finetune.py."""
+    freeze_embeddings: bool = True
+    """Keep the word-embedding matrix fixed (half of MiniLM's weights): 6% faster steps, half the optimizer
+    state, and equal accuracy over 3 seeds in benchmarks/finetune.py. Set false to train it too."""
     window: int = 64
     """Length grouping: batches are formed from windows of this many batches sorted by length."""
     max_steps: int | None = None
@@ -306,7 +307,7 @@ def describe_schema(cls: type = Recipe, prefix: str = "") -> list[tuple[str, str
         body = tree.body[0].body  # type: ignore[attr-defined]
         for a, b in zip(body, body[1:], strict=False):
             if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
-                docs[a.target.id] = str(b.value.value)  # type: ignore[union-attr]
+                docs[a.target.id] = " ".join(str(b.value.value).split())  # type: ignore[union-attr]
     except (OSError, TypeError):
         pass
     rows = []

@@ -18,21 +18,36 @@ class ConfigError(LmloopError):
 
 
 class DataError(LmloopError):
-    """Input data is unusable. Carries where: file, 1-based line/row, field."""
+    """Input data is unusable. Carries where: file, 1-based line/row, column, field.
+
+    The message starts with the location, e.g. ``f.csv, line 3, column 7, field 'text': ...``; ``kind``
+    names what ``line`` counts ("line" in text files, "row" in Parquet/HF data, "record" in a JSON array).
+    """
 
     def __init__(
-        self, message: str, *, path: str | None = None, line: int | None = None, field: str | None = None
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        line: int | None = None,
+        field: str | None = None,
+        kind: str = "line",
+        column: int | None = None,
     ):
-        self.path, self.line, self.field = path, line, field
+        if path is not None and not str(path):
+            path = None  # an unknown source is passed as ""
+        self.path = None if path is None else str(path)
+        self.line, self.field = line, field
         where = []
         if path is not None:
             where.append(str(path))
         if line is not None:
-            where.append(f"line {line}")
+            where.append(f"{kind} {line}")
+        if column is not None:
+            where.append(f"column {column}")
         if field is not None:
             where.append(f"field '{field}'")
-        prefix = ", ".join(where)
-        super().__init__(f"{prefix}: {message}" if prefix else message)
+        super().__init__(f"{', '.join(where)}: {message}" if where else message)
 
 
 class AssetError(LmloopError):

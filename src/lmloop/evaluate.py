@@ -7,11 +7,9 @@ the end of the module and is wired by the CLI. matplotlib is imported only when 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
 from lmloop.errors import DataError
+from lmloop.fsutil import atomic_write_text
 
 __all__ = [
     "EvaluationInputError",
@@ -280,7 +279,7 @@ def write_report(
     from lmloop.report import render_report_html
 
     html = render_report_html(metrics, title=title, model=model, data=data, history=history, extra=extra)
-    return _atomic_write_text(Path(out_path), html)
+    return atomic_write_text(out_path, html)
 
 
 def _jsonable(obj: Any) -> Any:
@@ -315,41 +314,7 @@ def write_metrics_json(obj: Any, path: str | os.PathLike[str]) -> Path:
     are created. Raises TypeError for values with no JSON form, leaving no temporary file behind.
     """
     text = json.dumps(_jsonable(obj), sort_keys=True, indent=2, allow_nan=False) + "\n"
-    return _atomic_write_text(Path(path), text)
-
-
-def _atomic_write_text(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # mkstemp creates 0600; keep the old file's mode, else the usual 0644 so the file stays shareable.
-    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable on POSIX; not possible (or needed) on Windows.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    return atomic_write_text(path, text)
 
 
 # --- model-driven evaluation (wired by the CLI) ---

@@ -26,6 +26,7 @@ import numpy as np
 
 from lmloop.config import Recipe
 from lmloop.errors import LmloopError
+from lmloop.fsutil import atomic_write_text
 
 
 def _say(msg: str) -> None:
@@ -167,9 +168,17 @@ def run_recipe(
         "data.fingerprint": data.card.get("fingerprints", {}),
         "n_train": len(data.train),
     }
-    tracker.start(
-        recipe.name, params=params, tags={"lmloop.stage": "finetune", "lmloop.out": str(out.resolve())}
+    # run.json lets --resume continue the same MLflow run instead of opening a second one
+    run_file = out / "run.json"
+    previous = (
+        json.loads(run_file.read_text()).get("mlflow_run_id") if resume and run_file.is_file() else None
     )
+    if previous and tracker.resume(previous):
+        _say(f"tracking: continuing MLflow run {previous}")
+    else:
+        tags = {"lmloop.stage": "finetune", "lmloop.out": str(out.resolve())}
+        tracker.start(recipe.name, params=params, tags=tags)
+    atomic_write_text(run_file, json.dumps({"mlflow_run_id": tracker.run_id, "tracking_uri": tracker.uri}))
     try:
         loop_cfg = LoopConfig(
             epochs=tc.epochs,
@@ -238,10 +247,10 @@ def run_recipe(
             "lmloop_version": _version(),
             "mlflow_run_id": tracker.run_id,
         }
-        (out / META_FILE).write_text(json.dumps(meta, indent=2))
+        atomic_write_text(out / META_FILE, json.dumps(meta, indent=2))
         write_metrics_json(metrics, out / "metrics.json")
-        (out / "history.json").write_text(json.dumps(result.history))
-        (out / "recipe.yaml").write_text(yaml.safe_dump(asdict(recipe), sort_keys=False))
+        atomic_write_text(out / "history.json", json.dumps(result.history))
+        atomic_write_text(out / "recipe.yaml", yaml.safe_dump(asdict(recipe), sort_keys=False))
         write_report(
             metrics["test"],
             out / "report.html",

@@ -41,21 +41,7 @@ def data_error(
     JSON array); ``column`` is a 1-based character column inside that line. The structured attributes
     ``path``/``line``/``field`` are set whatever the kind, so callers can inspect them.
     """
-    if path is not None and not str(path):
-        path = None  # an unknown source is passed as ""
-    where = []
-    if path is not None:
-        where.append(str(path))
-    if line is not None:
-        where.append(f"{kind} {line}")
-    if column is not None:
-        where.append(f"column {column}")
-    if field is not None:
-        where.append(f"field '{field}'")
-    err = DataError(f"{', '.join(where)}: {message}" if where else message)
-    err.path = None if path is None else str(path)
-    err.line, err.field = line, field
-    return err
+    return DataError(message, path=path, line=line, field=field, kind=kind, column=column)
 
 
 def decode_utf8(data: bytes, path: str | os.PathLike) -> str:

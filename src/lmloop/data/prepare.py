@@ -399,7 +399,7 @@ def prepare(
     frame, stats = _dedupe_fn(df) if dedupe else (df.reset_index(drop=True), _no_dedupe(df))
     check_labels(frame, {}, source)
     parts = split_frame(frame, seed=seed, val_frac=val_frac, test_frac=test_frac, stratify=stratify)
-    method = {"train": "split", "validation": "split", "test": "split"}
+    method = {"train": "stratified split", "validation": "stratified split", "test": "stratified split"}
     return _finalise(parts, {"all": stats}, method, source, seed, val_frac, test_frac, stratify)
 
 
