@@ -8,17 +8,17 @@ same epochs and seed; each measured by Trainer's own ``train_samples_per_second`
       "group_by_length"``, and bf16 autocast *where this CPU runs bf16 faster than fp32* (measured
       below; on CPUs without AVX-512 BF16/AMX bf16 is ~10x slower, and a careful user would not use it).
 
-lmloop variants (``lmloop.finetune.run_recipe``, tracking off, no mid-training evaluation so every
-contender does the same work): ``lmloop`` (defaults: length-grouped batches from pre-tokenised ids,
-fused AdamW, exact [CLS]-only last layer), ``lmloop-nofast`` (fast path off) and ``lmloop-frozen-emb``
-(+ frozen word embeddings) and ``lmloop-trained-emb``. Runs alternate (b)/lmloop per seed and
-repeat, so machine noise hits both.
+lmloop (``lmloop.finetune.run_recipe``, tracking off, no mid-training evaluation so every contender does
+the same work) with its defaults: length-grouped batches from pre-tokenised ids, fused AdamW, the exact
+[CLS]-only last layer, frozen word embeddings. ``--variants`` adds ``nofast`` (fast path off, embeddings
+trained), ``frozen-emb`` and ``trained-emb``. (b) and lmloop alternate per seed and repeat, so machine
+noise hits both; with several ``--seeds`` accuracy is reported as mean ± std.
 
 Prints examples/s, test accuracy and the ratios lmloop/(a) and lmloop/(b).
 
   python benchmarks/finetune.py --quick          # < 3 min: 1,000 training examples, 1 epoch
   python benchmarks/finetune.py                  # full vader-sentiment train split, 1 epoch
-  python benchmarks/finetune.py --limit 4000 --seeds 42,43,44 --skip-a   # accuracy parity over seeds
+  python benchmarks/finetune.py --limit 4000 --seeds 42,43,44 --skip-a --variants trained-emb
 """
 
 from __future__ import annotations
