@@ -41,7 +41,7 @@ def hf_trainer_run(
     from datasets import Dataset
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
-    from lmloop.finetune import label_ids
+    from lmloop.evaluate import label_ids
     from lmloop.models import load_classifier
 
     torch.manual_seed(seed)

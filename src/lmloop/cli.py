@@ -194,8 +194,7 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from lmloop.data import load_data
-    from lmloop.evaluate import write_metrics_json, write_report
-    from lmloop.finetune import evaluate_split
+    from lmloop.evaluate import evaluate_split, write_metrics_json, write_report
     from lmloop.infer import Predictor
 
     pred = Predictor.from_ref(a.model, batch_size=a.batch_size)

@@ -23,6 +23,8 @@ from lmloop.fsutil import atomic_write_text
 __all__ = [
     "EvaluationInputError",
     "compute_metrics",
+    "evaluate_split",
+    "label_ids",
     "expected_calibration_error",
     "reliability_bins",
     "write_metrics_json",
@@ -317,6 +319,17 @@ def write_metrics_json(obj: Any, path: str | os.PathLike[str]) -> Path:
     return atomic_write_text(path, text)
 
 
-# --- model-driven evaluation (wired by the CLI) ---
-# evaluate_model(model_dir, data, ...) runs a model over `data`, collects y_true / softmax probs / domains,
-# then calls compute_metrics(), write_metrics_json() and write_report(). Implemented separately.
+# --- model-driven evaluation ---------------------------------------------------------------------------
+
+
+def label_ids(frame: Any, labels: Sequence[str]) -> np.ndarray:
+    """Class indices (N,) of a prepared split's ``label`` column, in the order of ``labels``."""
+    index = {lab: i for i, lab in enumerate(labels)}
+    return np.array([index[x] for x in frame["label"]], dtype=np.int64)
+
+
+def evaluate_split(predictor: Any, frame: Any, labels: Sequence[str]) -> dict:
+    """Metrics of a predictor (``predict_proba(texts) -> (N, C)``) on a prepared split, per domain when it has one."""
+    probs = predictor.predict_proba(list(frame["text"]))
+    domains = list(frame["domain"]) if "domain" in frame.columns else None
+    return compute_metrics(label_ids(frame, labels), probs, list(labels), domains=domains)

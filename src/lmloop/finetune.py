@@ -26,6 +26,7 @@ import numpy as np
 
 from lmloop.config import Recipe
 from lmloop.errors import LmloopError
+from lmloop.evaluate import evaluate_split, label_ids
 from lmloop.fsutil import atomic_write_text
 
 
@@ -53,20 +54,6 @@ def load_recipe_data(recipe: Recipe):
         max_chars=d.max_chars,
         limit=d.limit,
     )
-
-
-def label_ids(frame, labels: list[str]) -> np.ndarray:
-    index = {lab: i for i, lab in enumerate(labels)}
-    return np.array([index[x] for x in frame["label"]], dtype=np.int64)
-
-
-def evaluate_split(predictor, frame, labels: list[str]) -> dict:
-    """Metrics of a predictor on a prepared split (per domain when the split has one)."""
-    from lmloop.evaluate import compute_metrics
-
-    probs = predictor.predict_proba(list(frame["text"]))
-    domains = list(frame["domain"]) if "domain" in frame.columns else None
-    return compute_metrics(label_ids(frame, labels), probs, labels, domains=domains)
 
 
 def run_recipe(
