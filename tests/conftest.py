@@ -161,3 +161,116 @@ def cli(capsys):
         return code, out, err
 
     return _cli
+
+
+# ---------------------------------------------------------------------------------------------- PostgreSQL
+_PG_INSTALL = "apt-get install -y postgresql"
+
+
+def _pg_bin_dir() -> tuple[Path | None, str]:
+    """The directory holding initdb and pg_ctl, or (None, why not): $LMLOOP_TEST_PG_BIN, else the newest
+    /usr/lib/postgresql/<major>/bin (Debian/Ubuntu), else whatever `pg_ctl` is on PATH."""
+    import glob
+    import shutil
+
+    def ok(d: Path) -> bool:
+        return (d / "initdb").is_file() and (d / "pg_ctl").is_file()
+
+    env = os.environ.get("LMLOOP_TEST_PG_BIN")
+    if env:
+        return (
+            (Path(env), "")
+            if ok(Path(env))
+            else (None, f"LMLOOP_TEST_PG_BIN={env} has no initdb/pg_ctl ({_PG_INSTALL})")
+        )
+    found = sorted(
+        (Path(d) for d in glob.glob("/usr/lib/postgresql/*/bin")),
+        key=lambda d: int(d.parent.name) if d.parent.name.isdigit() else 0,
+        reverse=True,
+    )
+    on_path = shutil.which("pg_ctl")
+    for d in [*found, *([Path(on_path).resolve().parent] if on_path else [])]:
+        if ok(d):
+            return d, ""
+    return (
+        None,
+        f"PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb); install it: {_PG_INSTALL}",
+    )
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A throw-away PostgreSQL server on 127.0.0.1 for this test session: ``postgresql://postgres@127.0.0.1:
+    <port>/lmloop_test`` (trust auth, no password). initdb + pg_ctl into a temp dir, stopped at the end.
+    PostgreSQL refuses to run as root, so as root the server runs as the ``postgres`` user (runuser).
+    Skips, naming what is missing, where PostgreSQL is not installed or does not start."""
+    import pwd
+    import shutil
+    import socket
+    import tempfile
+
+    bindir, why = _pg_bin_dir()
+    if bindir is None:
+        pytest.skip(why)
+    try:
+        import psycopg
+    except ImportError:
+        pytest.skip("psycopg 3 is not installed: pip install 'psycopg[binary]'")
+
+    as_user: list[str] = []
+    owner = None
+    if os.geteuid() == 0:
+        try:
+            owner = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip(
+                f"running as root and there is no 'postgres' user to run PostgreSQL as ({_PG_INSTALL})"
+            )
+        runuser = shutil.which("runuser")
+        as_user = [runuser, "-u", "postgres", "--"] if runuser else ["su", "postgres", "-s", "/bin/sh", "-c"]
+
+    def run(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        cmd = list(argv)
+        if as_user and as_user[0] == "su":  # su -c takes one shell string
+            import shlex
+
+            cmd = [*as_user, shlex.join(cmd)]
+        elif as_user:
+            cmd = [*as_user, *cmd]
+        return subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=timeout)
+
+    # Under /tmp, not pytest's tmp dir: that one is 0700 root, which the postgres user cannot enter.
+    root = Path(tempfile.mkdtemp(prefix="lmloop-pg-"))
+    data, sock, log = root / "data", root / "sock", root / "server.log"
+    sock.mkdir()
+    if owner is not None:
+        for p in (root, sock):
+            os.chown(p, owner.pw_uid, owner.pw_gid)
+    with socket.socket() as s:  # a free port (the tiny race with another process is acceptable in tests)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    started = False
+    try:
+        # --no-sync and fsync=off: a test server need not survive a power cut, and it starts in ~1 s
+        initdb = [str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"]
+        r = run(*initdb, "-E", "UTF8", "--locale=C", "--no-sync")
+        if r.returncode != 0:
+            pytest.skip(f"initdb ({bindir}) failed: {(r.stderr or r.stdout).strip()[-500:]}")
+        opts = f"-c listen_addresses=127.0.0.1 -p {port} -k {sock} -c fsync=off -c full_page_writes=off"
+        r = run(
+            str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-o", opts, "-w", "-t", "30", "start"
+        )
+        if r.returncode != 0:
+            tail = log.read_text(errors="replace")[-800:] if log.exists() else ""
+            pytest.skip(
+                f"PostgreSQL ({bindir}) did not start: {(r.stderr or r.stdout).strip()[-300:]} {tail}"
+            )
+        started = True
+        admin = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+        with psycopg.connect(admin, autocommit=True, connect_timeout=10) as conn:
+            conn.execute("CREATE DATABASE lmloop_test")
+        yield f"postgresql://postgres@127.0.0.1:{port}/lmloop_test"
+    finally:
+        if started:
+            run(str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop")
+        shutil.rmtree(root, ignore_errors=True)

@@ -180,7 +180,9 @@ def test_predict_cli_writes_labels(finetuned, tmp_path, cli):
     assert f"wrote 2 predictions to {dst}" in stdout
     df = pd.read_csv(dst)
     assert df["label"].tolist() == ["pos", "neg"]
-    assert list(df.columns) == ["text", "label", "score", "score_neg", "score_pos"]
+    # the generated id is the row number; the text is not copied unless --keep-text
+    assert list(df.columns) == ["id", "label", "score", "score_neg", "score_pos"]
+    assert df["id"].tolist() == [0, 1]
 
 
 def test_top_level_load_entry_point(finetuned):

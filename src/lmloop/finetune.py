@@ -11,6 +11,8 @@ Output directory::
     lmloop.json        labels, max_length, base model, data fingerprints
     metrics.json       {"validation": {...}, "test": {...}, "train": {...}}
     data_card.json/md, report.html, history.json, recipe.yaml
+    validation.jsonl   the validation split (text, label, domain): backend calibration and export parity
+    backends.json      written later by `lmloop predict --backend auto` / `lmloop export`: measured backends
 """
 
 from __future__ import annotations
@@ -235,6 +237,9 @@ def run_recipe(
             "mlflow_run_id": tracker.run_id,
         }
         atomic_write_text(out / META_FILE, json.dumps(meta, indent=2))
+        # the validation split travels with the model: backend calibration (`predict --backend auto`)
+        # and export parity checks measure accuracy on it without the original data
+        write_validation_split(data.validation, out / VALIDATION_FILE)
         write_metrics_json(metrics, out / "metrics.json")
         atomic_write_text(out / "history.json", json.dumps(result.history))
         atomic_write_text(out / "recipe.yaml", yaml.safe_dump(asdict(recipe), sort_keys=False))
@@ -274,6 +279,15 @@ def run_recipe(
         tracker.end("KILLED" if sys.exc_info()[0] is KeyboardInterrupt else "FAILED")
         raise
     return metrics
+
+
+VALIDATION_FILE = "validation.jsonl"
+
+
+def write_validation_split(frame, path: Path) -> None:
+    cols = [c for c in ("text", "label", "domain") if c in frame.columns]
+    lines = [json.dumps(r, ensure_ascii=False) for r in frame[cols].to_dict("records")]
+    atomic_write_text(path, "\n".join(lines) + ("\n" if lines else ""))
 
 
 def _model_files_small(out: Path) -> bool:

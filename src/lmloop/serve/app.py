@@ -1,0 +1,512 @@
+"""The HTTP server: a thin adapter, decode -> (micro-batched) predict -> record -> encode.
+
+Endpoints (see :func:`create_app`)::
+
+    POST /v1/classify   {"inputs": ["text", ...]} -> {"model", "version", "predictions": [{"id", "label",
+                        "score", "scores"}]}; every prediction is recorded in the prediction log
+    POST /v1/feedback   {"prediction_id", "label", "comment"?} -> the stored feedback (durable when answered)
+    GET  /v1/models     the served model: name, version, labels, backend and how it was chosen
+    GET  /health        alive;  GET /ready: model loaded and warmed, not shutting down
+    GET  /metrics       Prometheus text;  GET /docs, /openapi.json
+
+Errors are JSON ``{"error": {"code": ..., "message": ...}}`` with the right 4xx: 400 malformed JSON,
+401 missing/wrong API key, 404 unknown prediction id, 413 body or input too large, 422 wrong types /
+empty list / unknown label, 429 queue full (Retry-After), 503 shutting down, 504 timed out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lmloop.serve.batcher import LogWriter, MicroBatcher, QueueFull, ShuttingDown
+
+
+@dataclass
+class ServeSettings:
+    """Server knobs; every one is a ``lmloop serve`` flag."""
+
+    max_batch: int = 64  # texts per forward pass
+    max_wait_ms: float = 5.0  # how long the first request of a batch waits for company
+    max_queue: int = 2048  # texts waiting for inference before new requests get 429
+    timeout_s: float = 30.0  # per request, queue wait included -> 504
+    max_body_bytes: int = 1_000_000  # -> 413
+    max_inputs: int = 256  # texts per request -> 413
+    max_text_chars: int = 20_000  # characters per text -> 413 (the model reads max_length tokens anyway)
+    log_text: str = "full"  # "full": the text goes to the prediction log; "hash": only its sha256
+    api_key: str | None = None
+    auth_scope: str = "writes"  # "writes": key on /v1/feedback; "all": on /v1/classify too
+    model_name: str = "model"
+    model_version: str = "unknown"
+    max_log_backlog: int = 200_000  # prediction records not yet committed before classify gets 503
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers or {}
+
+
+def _json(obj: Any, status: int = 200, headers: dict | None = None) -> Response:
+    try:
+        import orjson
+
+        body = orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY)
+    except ImportError:  # pragma: no cover
+        body = json.dumps(obj).encode()
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
+
+
+def _error(status: int, code: str, message: str, headers: dict | None = None) -> Response:
+    return _json({"error": {"code": code, "message": message}}, status, headers)
+
+
+# ---------------------------------------------------------------------------------------------- schemas
+class ClassifyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    inputs: list[str] = Field(min_length=1, description="texts to classify (1..max_inputs)")
+
+
+class FeedbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    prediction_id: str = Field(min_length=1, max_length=64)
+    label: str = Field(min_length=1, max_length=200)
+    comment: str | None = Field(default=None, max_length=4000)
+
+
+def _body_schema(model: type[BaseModel]) -> dict:
+    # bodies are parsed by _parse (any content type, JSON errors as 400); the docs still show the schema
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": model.model_json_schema()}},
+        }
+    }
+
+
+async def _parse(request: Request, model: type[BaseModel]):
+    """Decode the JSON body whatever its Content-Type (curl -d sends form-encoded) and validate it."""
+    import orjson
+    from pydantic import ValidationError
+
+    body = await request.body()
+    if not body.strip():
+        raise ApiError(
+            400, "malformed_json", f"empty request body; expected a JSON object like {_EXAMPLES[model]}"
+        )
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as e:
+        raise ApiError(400, "malformed_json", f"the request body is not valid JSON: {e}") from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        parts = []
+        for err in e.errors()[:5]:
+            loc = ".".join(str(x) for x in err.get("loc", ())) or "body"
+            parts.append(f"{loc}: {err.get('msg')}")
+        raise ApiError(
+            422, "invalid_request", "; ".join(parts) + f" (expected e.g. {_EXAMPLES[model]})"
+        ) from None
+
+
+_EXAMPLES = {
+    ClassifyRequest: '{"inputs": ["text one", "text two"]}',
+    FeedbackRequest: '{"prediction_id": "<id from /v1/classify>", "label": "<one of the model\'s labels>"}',
+}
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+class Metrics:
+    """Prometheus series on a private registry (several apps in one process stay separate)."""
+
+    def __init__(self, settings: ServeSettings, backend: str):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        r = self.registry = CollectorRegistry()
+        lat = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+        self.latency = Histogram(
+            "lmloop_request_seconds", "Request latency", ["endpoint"], buckets=lat, registry=r
+        )
+        self.requests = Counter(
+            "lmloop_requests", "Requests by endpoint and status", ["endpoint", "status"], registry=r
+        )
+        sizes = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+        self.batch_size = Histogram("lmloop_batch_size", "Texts per forward pass", buckets=sizes, registry=r)
+        self.batch_seconds = Histogram("lmloop_batch_seconds", "Forward pass time", buckets=lat, registry=r)
+        self.queue_depth = Gauge("lmloop_queue_depth", "Texts waiting for inference", registry=r)
+        self.predictions = Counter("lmloop_predictions", "Predictions by label", ["label"], registry=r)
+        self.feedback = Counter("lmloop_feedback", "Feedback by outcome", ["outcome"], registry=r)
+        self.log_backlog = Gauge("lmloop_predlog_backlog", "Prediction records not yet committed", registry=r)
+        self.log_failures = Counter(
+            "lmloop_predlog_write_failures", "Failed prediction-log writes", registry=r
+        )
+        info = Gauge("lmloop_model_info", "The served model", ["model", "version", "backend"], registry=r)
+        info.labels(settings.model_name, settings.model_version, backend).set(1)
+
+
+# --------------------------------------------------------------------------------------------- the app
+@dataclass
+class _State:
+    ready: bool = False
+    closing: bool = False
+    batcher: MicroBatcher | None = None
+    writer: LogWriter | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def create_app(predictor, store, settings: ServeSettings) -> FastAPI:
+    """The FastAPI app serving ``predictor`` and recording to ``store`` (a :mod:`lmloop.mlops.predlog` store)."""
+    from lmloop.mlops.predlog import FeedbackRecord, PredictionRecord
+
+    labels = list(predictor.labels)
+    metrics = Metrics(settings, predictor.backend_name)
+    state = _State()
+    key = settings.api_key.encode() if settings.api_key else None
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        def on_batch(n: int, seconds: float) -> None:
+            metrics.batch_size.observe(n)
+            metrics.batch_seconds.observe(seconds)
+
+        state.batcher = MicroBatcher(
+            predictor.predict_proba,
+            max_batch=settings.max_batch,
+            max_wait_ms=settings.max_wait_ms,
+            max_queue=settings.max_queue,
+            on_batch=on_batch,
+        )
+        state.writer = LogWriter(store, on_error=lambda e: metrics.log_failures.inc())
+        metrics.queue_depth.set_function(lambda: state.batcher.depth if state.batcher else 0)
+        metrics.log_backlog.set_function(lambda: state.writer.backlog if state.writer else 0)
+        # warm-up: first-call allocations (and ORT's first run) are paid before /ready says yes
+        await asyncio.to_thread(predictor.predict_proba, ["warm-up"] * min(8, settings.max_batch))
+        state.ready = True
+        try:
+            yield
+        finally:
+            # uvicorn has stopped accepting and waited for in-flight requests; drain and commit
+            state.ready, state.closing = False, True
+            await asyncio.to_thread(state.batcher.close)
+            await asyncio.to_thread(state.writer.close)
+
+    app = FastAPI(
+        title="lmloop server",
+        version=settings.model_version,
+        description=f"Classifier `{settings.model_name}` (labels: {', '.join(labels)}). "
+        "Every prediction is recorded; attach true labels with /v1/feedback.",
+        lifespan=lifespan,
+    )
+    app.state.lmloop = state
+
+    def require_key(request: Request) -> None:
+        if key is None:
+            return
+        got = request.headers.get("x-api-key")
+        auth = request.headers.get("authorization", "")
+        if got is None and auth.lower().startswith("bearer "):
+            got = auth[7:].strip()
+        # constant-time comparison (on digests, so the length does not leak either)
+        if got is None or not hmac.compare_digest(
+            hashlib.sha256(got.encode()).digest(), hashlib.sha256(key).digest()
+        ):
+            raise ApiError(
+                401,
+                "unauthorized",
+                "missing or wrong API key: send it as 'X-API-Key: <key>' or 'Authorization: Bearer <key>'",
+                {"WWW-Authenticate": "Bearer"},
+            )
+
+    def require_key_for_all(request: Request) -> None:
+        if settings.auth_scope == "all":
+            require_key(request)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, e: ApiError):
+        return _error(e.status, e.code, e.message, e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, e: RequestValidationError):
+        errs = e.errors()
+        if any(err.get("type") == "json_invalid" for err in errs):
+            err = next(err for err in errs if err.get("type") == "json_invalid")
+            pos = (err.get("ctx") or {}).get("error", "")
+            return _error(
+                400, "malformed_json", f"the request body is not valid JSON ({pos})".replace(" ()", "")
+            )
+        parts = []
+        for err in errs[:5]:
+            loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"
+            parts.append(f"{loc}: {err.get('msg')}")
+        return _error(422, "invalid_request", "; ".join(parts))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, e: StarletteHTTPException):
+        return _error(e.status_code, "http_error", str(e.detail))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, e: Exception):  # pragma: no cover - a bug, reported as such
+        return _error(500, "internal", f"internal error ({type(e).__name__}); see the server log")
+
+    @app.post(
+        "/v1/classify",
+        dependencies=[Depends(require_key_for_all)],
+        openapi_extra=_body_schema(ClassifyRequest),
+    )
+    async def classify(request: Request):
+        """Classify texts. Each prediction gets a durable, unique id to attach feedback to."""
+        req = await _parse(request, ClassifyRequest)
+        if state.closing or state.batcher is None:
+            raise ApiError(503, "shutting_down", "the server is shutting down; retry on another replica")
+        t0 = time.perf_counter()
+        texts = req.inputs
+        if len(texts) > settings.max_inputs:
+            raise ApiError(
+                413, "too_many_inputs", f"{len(texts)} inputs; at most {settings.max_inputs} per request"
+            )
+        for i, t in enumerate(texts):
+            if len(t) > settings.max_text_chars:
+                raise ApiError(
+                    413,
+                    "input_too_long",
+                    f"inputs[{i}] has {len(t)} characters; at most {settings.max_text_chars}",
+                )
+        if state.writer.backlog > settings.max_log_backlog:
+            raise ApiError(
+                503, "log_behind", "the prediction log is behind; retry shortly", {"Retry-After": "1"}
+            )
+        try:
+            probs = await asyncio.wait_for(state.batcher.submit(texts), settings.timeout_s)
+        except QueueFull as e:
+            raise ApiError(429, "busy", str(e), {"Retry-After": str(max(1, round(e.retry_after)))}) from None
+        except ShuttingDown:
+            raise ApiError(
+                503, "shutting_down", "the server is shutting down; retry on another replica"
+            ) from None
+        except asyncio.TimeoutError:
+            raise ApiError(504, "timeout", f"no answer within {settings.timeout_s:g} s") from None
+        latency_ms = (time.perf_counter() - t0) * 1000
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        preds, records = [], []
+        keep = settings.log_text == "full"
+        for text, row in zip(texts, probs, strict=True):
+            k = int(row.argmax())
+            scores = {lab: float(p) for lab, p in zip(labels, row, strict=True)}
+            rec = PredictionRecord.new(
+                model=settings.model_name,
+                version=settings.model_version,
+                text=text,
+                label=labels[k],
+                score=float(row[k]),
+                scores=scores,
+                latency_ms=latency_ms,
+                request_id=request_id,
+                store_text=keep,
+            )
+            records.append(rec)
+            preds.append({"id": rec.id, "label": rec.label, "score": rec.score, "scores": scores})
+            metrics.predictions.labels(rec.label).inc()
+        state.writer.add(records)
+        return _json(
+            {"model": settings.model_name, "version": settings.model_version, "predictions": preds},
+            headers={"X-Request-ID": request_id},
+        )
+
+    @app.post(
+        "/v1/feedback", dependencies=[Depends(require_key)], openapi_extra=_body_schema(FeedbackRequest)
+    )
+    async def feedback(request: Request):
+        """Attach the true label to a recorded prediction. Durable once answered."""
+        req = await _parse(request, FeedbackRequest)
+        if req.label not in labels:
+            raise ApiError(
+                422, "unknown_label", f"label '{req.label}' is not one of the model's labels {labels}"
+            )
+        fb = FeedbackRecord(prediction_id=req.prediction_id, label=req.label, comment=req.comment)
+        try:
+            stored = await asyncio.to_thread(store.add_feedback, fb)
+        except KeyError:
+            # the prediction may still be in the log writer's batch: commit it, then look again
+            await asyncio.to_thread(state.writer.flush)
+            try:
+                stored = await asyncio.to_thread(store.add_feedback, fb)
+            except KeyError:
+                raise ApiError(
+                    404, "unknown_prediction", f"no prediction with id '{req.prediction_id}'"
+                ) from None
+        pred = await asyncio.to_thread(store.get_prediction, req.prediction_id)
+        outcome = "correct" if pred is not None and pred.label == req.label else "incorrect"
+        metrics.feedback.labels(outcome).inc()
+        return _json(
+            {
+                "id": stored.id,
+                "prediction_id": stored.prediction_id,
+                "label": stored.label,
+                "predicted": pred.label if pred else None,
+                "created_at": stored.created_at,
+            }
+        )
+
+    @app.get("/v1/models")
+    async def models():
+        """The served model and how its backend was chosen."""
+        cal = predictor.calibration or {}
+        return _json(
+            {
+                "data": [
+                    {
+                        "id": settings.model_name,
+                        "version": settings.model_version,
+                        "labels": labels,
+                        "backend": predictor.backend_name,
+                        "max_length": predictor.max_length,
+                        "backend_measurement": cal.get("results", {}).get(predictor.backend_name),
+                    }
+                ]
+            }
+        )
+
+    @app.get("/health")
+    async def health():
+        return _json({"status": "alive"})
+
+    @app.get("/ready")
+    async def ready():
+        if state.ready and not state.closing:
+            return _json({"status": "ready", "model": settings.model_name, "version": settings.model_version})
+        return _error(
+            503, "not_ready", "shutting down" if state.closing else "loading / warming up the model"
+        )
+
+    @app.get("/metrics")
+    async def prometheus():
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    routes = {"/v1/classify", "/v1/feedback", "/v1/models", "/health", "/ready", "/metrics"}
+    # Observe outermost so 413s from BodyLimit are counted too
+    return Observe(BodyLimit(app, settings.max_body_bytes), metrics, routes)
+
+
+# ------------------------------------------------------------------------------------- ASGI middleware
+class Observe:
+    """Latency histogram and status counter for every request (unknown paths count as 'other')."""
+
+    def __init__(self, app, metrics: Metrics, routes: set[str]):
+        self.app, self.metrics, self.routes = app, metrics, routes
+
+    def __getattr__(self, name):  # expose the FastAPI app's attributes (state, routes, openapi) to callers
+        return getattr(self.app, name)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        endpoint = path if path in self.routes else "other"
+        status = {"code": 500}
+        t0 = time.perf_counter()
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
+            self.metrics.requests.labels(endpoint, str(status["code"])).inc()
+
+
+class BodyLimit:
+    """413 for bodies over ``max_bytes``: at once from Content-Length, else while reading (chunked)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    def __getattr__(self, name):
+        return getattr(self.app, name)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("method") not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        cl = headers.get(b"content-length")
+        if cl is not None and cl.isdigit() and int(cl) > self.max_bytes:
+            return await self._reject(send, int(cl))
+        # no (or a small) Content-Length: read the body here, bounded, then replay it to the app
+        chunks, size = [], 0
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+            body = msg.get("body", b"")
+            size += len(body)
+            if size > self.max_bytes:
+                return await self._reject(send, size)
+            chunks.append(body)
+            if not msg.get("more_body"):
+                break
+        body, sent = b"".join(chunks), False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _reject(self, send, size: int) -> None:
+        msg = json.dumps(
+            {
+                "error": {
+                    "code": "body_too_large",
+                    "message": f"request body of {size} bytes is over the limit of {self.max_bytes} bytes "
+                    "(lmloop serve --max-body-bytes)",
+                }
+            }
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(msg)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": msg})
+
+
+def model_version(model_dir: str | Path) -> str:
+    """A stable version for a model directory: the first 12 hex of its weight file's sha256."""
+    d = Path(model_dir)
+    for name in ("model.safetensors", "model.onnx"):
+        p = d / name
+        if p.is_file():
+            h = hashlib.sha256()
+            with p.open("rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+            return "sha256:" + h.hexdigest()[:12]
+    return "unknown"
