@@ -145,8 +145,7 @@ def naive_server(model: str, port: int) -> None:
     """A tutorial-style server: one forward per request, no batching across requests."""
     import torch
     import uvicorn
-    from fastapi import FastAPI
-    from pydantic import BaseModel
+    from fastapi import Body, FastAPI
 
     from lmloop.models import load_classifier
 
@@ -155,12 +154,9 @@ def naive_server(model: str, port: int) -> None:
     labels = [m.config.id2label[i] for i in range(m.config.num_labels)]
     app = FastAPI()
 
-    class Req(BaseModel):
-        inputs: list[str]
-
     @app.post("/v1/classify")
-    def classify(req: Req):
-        enc = tok(req.inputs, padding=True, truncation=True, max_length=128, return_tensors="pt")
+    def classify(payload: dict = Body(...)):  # noqa: B008
+        enc = tok(payload["inputs"], padding=True, truncation=True, max_length=128, return_tensors="pt")
         with torch.inference_mode():
             probs = m(**enc).logits.softmax(-1)
         return {

@@ -2,8 +2,9 @@
 
 Every server here is the actual ``python -m lmloop serve`` command (started by :class:`Launcher`), so the
 tests see what a client sees: status codes, headers, Prometheus text, and what is durable in the
-prediction log after a SIGTERM or a SIGKILL. The default server is shared by the module; tests that need
-other flags, or that stop their server, start their own through the ``start_server`` factory.
+prediction log after a SIGTERM or a SIGKILL. Each start costs seconds (torch + transformers imports), so
+one server is shared by the tests that leave it as they found it; tests that need other flags, or that
+stop their server, start their own through the ``start_server`` factory.
 """
 
 from __future__ import annotations
@@ -85,14 +86,17 @@ class Server:
         pytest.fail(f"lmloop serve not ready after {timeout} s:\n{self.output()[-3000:]}")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-        """Send ``sig`` and wait for the exit; returns the exit status."""
+        """Send ``sig`` (unless it has exited already) and wait for the exit; returns the exit status."""
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
+        return self.wait(timeout)
+
+    def wait(self, timeout: float = 30) -> int:
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill()
-            pytest.fail(f"lmloop serve did not exit within {timeout} s of signal {sig}")
+            pytest.fail(f"lmloop serve did not exit within {timeout} s:\n{self.output()[-2000:]}")
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -186,6 +190,11 @@ def value(families: dict, family: str, sample: str | None = None, **labels: str)
         for s in families[family].samples
         if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
     )
+
+
+def delta(before: dict, after: dict, family: str, sample: str | None = None, **labels: str) -> float:
+    """How much :func:`value` grew between two scrapes."""
+    return value(after, family, sample, **labels) - value(before, family, sample, **labels)
 
 
 def assert_no_500(server: Server) -> None:
@@ -297,6 +306,19 @@ def test_bad_requests_get_the_right_4xx(server):
     assert r.status_code == 200, r.text
     assert_error(server.get("/v1/nothing-here"), 404)
     assert_error(server.get("/v1/classify"), 405)
+
+    # a client that hangs up halfway through its body is counted as 499, not as a server error
+    before = value(scrape(server), "lmloop_requests", "lmloop_requests_total", status="499")
+    with socket.create_connection(("127.0.0.1", server.port)) as s:
+        s.sendall(
+            b"POST /v1/classify HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n"
+            b'Content-Type: application/json\r\n\r\n5\r\n{"inp\r\n'
+        )
+        time.sleep(0.2)
+    end = time.monotonic() + 10
+    while value(scrape(server), "lmloop_requests", "lmloop_requests_total", status="499") == before:
+        assert time.monotonic() < end, "the hung-up request was never counted"
+        time.sleep(0.05)
     assert_no_500(server)
 
 
@@ -313,32 +335,30 @@ def test_prometheus_metrics_count_the_requests(server):
     assert_error(r, 404)
     after = scrape(server)
 
-    def delta(family: str, sample: str | None = None, **lab: str) -> float:
-        return value(after, family, sample, **lab) - value(before, family, sample, **lab)
-
     assert after["lmloop_request_seconds"].type == "histogram"
     assert after["lmloop_batch_size"].type == "histogram"
     assert after["lmloop_queue_depth"].type == "gauge"
     assert after["lmloop_requests"].type == after["lmloop_predictions"].type == "counter"
 
+    def grew(family: str, sample: str, **labels: str) -> float:
+        return delta(before, after, family, sample, **labels)
+
     # requests by endpoint and status; the first scrape is counted once it has answered
-    assert delta("lmloop_requests", "lmloop_requests_total", endpoint="/v1/classify", status="200") == 4
-    assert delta("lmloop_requests", "lmloop_requests_total", endpoint="/v1/classify", status="422") == 1
-    assert delta("lmloop_requests", "lmloop_requests_total", endpoint="/v1/feedback", status="404") == 1
-    assert delta("lmloop_requests", "lmloop_requests_total", endpoint="/metrics", status="200") == 1
+    requests, seconds = ("lmloop_requests", "lmloop_requests_total"), "lmloop_request_seconds"
+    assert grew(*requests, endpoint="/v1/classify", status="200") == 4
+    assert grew(*requests, endpoint="/v1/classify", status="422") == 1
+    assert grew(*requests, endpoint="/v1/feedback", status="404") == 1
+    assert grew(*requests, endpoint="/metrics", status="200") == 1
     # latency histogram by endpoint: one observation per request, whatever its status
-    assert delta("lmloop_request_seconds", "lmloop_request_seconds_count", endpoint="/v1/classify") == 5
-    assert delta("lmloop_request_seconds", "lmloop_request_seconds_count", endpoint="/v1/feedback") == 1
-    le_inf = delta(
-        "lmloop_request_seconds", "lmloop_request_seconds_bucket", endpoint="/v1/classify", le="+Inf"
-    )
-    assert le_inf == 5
+    assert grew(seconds, f"{seconds}_count", endpoint="/v1/classify") == 5
+    assert grew(seconds, f"{seconds}_bucket", endpoint="/v1/classify", le="+Inf") == 5
+    assert grew(seconds, f"{seconds}_count", endpoint="/v1/feedback") == 1
     # every text went through exactly one forward pass; sequential requests cannot share one
-    assert delta("lmloop_batch_size", "lmloop_batch_size_sum") == sum(sizes)
-    assert delta("lmloop_batch_size", "lmloop_batch_size_count") == len(sizes)
+    assert grew("lmloop_batch_size", "lmloop_batch_size_sum") == sum(sizes)
+    assert grew("lmloop_batch_size", "lmloop_batch_size_count") == len(sizes)
     assert value(after, "lmloop_queue_depth") == 0
     for lab in LABELS:
-        assert delta("lmloop_predictions", "lmloop_predictions_total", label=lab) == labels[lab]
+        assert grew("lmloop_predictions", "lmloop_predictions_total", label=lab) == labels[lab]
 
     version = server.get("/v1/models").json()["data"][0]["version"]
     info = [s for s in after["lmloop_model_info"].samples if s.name == "lmloop_model_info"]
@@ -366,13 +386,8 @@ def test_micro_batching_merges_concurrent_requests(server):
     ids = {r.json()["predictions"][0]["id"] for r in responses}
     assert len(ids) == 32
     after = scrape(srv)
-    n = value(after, "lmloop_batch_size", "lmloop_batch_size_count") - value(
-        before, "lmloop_batch_size", "lmloop_batch_size_count"
-    )
-    total = value(after, "lmloop_batch_size", "lmloop_batch_size_sum") - value(
-        before, "lmloop_batch_size", "lmloop_batch_size_sum"
-    )
-    assert total == 32
+    assert delta(before, after, "lmloop_batch_size", "lmloop_batch_size_sum") == 32
+    n = delta(before, after, "lmloop_batch_size", "lmloop_batch_size_count")
     # typically 1-4 passes; the server parses requests one at a time, so a busy machine spreads them out
     assert n <= 16, f"32 concurrent requests ran as {n} forward passes: not batched"
 
@@ -486,7 +501,7 @@ def test_sigterm_drains_in_flight_requests(start_server):
     srv.proc.send_signal(signal.SIGTERM)
     for t in threads:
         t.join(30)
-    assert srv.stop(timeout=30) == 0, srv.output()[-2000:]
+    assert srv.wait(timeout=30) == 0, srv.output()[-2000:]  # 0, not 143: a requested stop is clean
     assert time.monotonic() - t0 < 10
     assert all(isinstance(r, httpx.Response) for r in results), results
     assert [r.status_code for r in results] == [200] * 8

@@ -311,6 +311,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
     settings = ServeSettings(
         max_batch=a.max_batch,
+        batch_size=a.batch_size,
         max_wait_ms=a.max_wait_ms,
         max_queue=a.max_queue,
         timeout_s=a.timeout,
@@ -318,8 +319,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
         max_inputs=a.max_inputs,
         log_text=a.log_text,
         auth_scope=a.auth_scope,
-        model_name=a.model_name or "model",
-        model_version=a.model_version or "unknown",
+        model_name=a.model_name or "",
+        model_version=a.model_version or "",
     )
     serve(
         a.model,
@@ -450,7 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["test", "validation", "train", "all"],
         help="which rows to score (default: the test split of a built-in data set, all rows of a file)",
     )
-    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--batch-size", type=int, default=32)
     s.add_argument(
         "--out", metavar="DIR", help="where to write metrics.json/report.html (default MODEL/eval)"
     )
@@ -482,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--text-column", default="text")
     s.add_argument("--id-column", default="id", help="kept as the row id when present (default id)")
     s.add_argument("--keep-text", action="store_true", help="copy the text column to the output")
-    s.add_argument("--batch-size", type=int, default=64, help="texts per forward pass (default 64)")
+    s.add_argument("--batch-size", type=int, default=32, help="most texts per forward pass (default 32)")
     s.add_argument(
         "--window",
         type=int,
@@ -542,7 +543,15 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "torch", "torch-bf16", "torch-int8", "onnx", "onnx-int8"],
     )
     g = s.add_argument_group("batching and limits")
-    g.add_argument("--max-batch", type=int, default=64, help="texts per forward pass (default 64)")
+    g.add_argument(
+        "--max-batch",
+        type=int,
+        default=128,
+        help="texts merged from concurrent requests per batch (default 128)",
+    )
+    g.add_argument(
+        "--batch-size", type=int, default=32, help="most texts per forward pass within a batch (default 32)"
+    )
     g.add_argument("--max-wait-ms", type=float, default=5.0, help="wait for a batch to fill (default 5)")
     g.add_argument("--max-queue", type=int, default=2048, help="queued texts before 429 (default 2048)")
     g.add_argument("--timeout", type=float, default=30.0, help="per-request seconds before 504 (default 30)")

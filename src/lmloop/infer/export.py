@@ -102,11 +102,36 @@ def export_onnx(model, tokenizer, path: str | Path) -> Path:
     return path
 
 
+def ffn_down_projections(path: str | Path) -> list[str]:
+    """MatMul nodes whose constant weight maps a wider input to a narrower output ((I, H) with I > H):
+    the FFN down-projections (intermediate 1536 -> hidden 384 in MiniLM)."""
+    import onnx
+
+    g = onnx.load(str(path), load_external_data=False).graph
+    shapes = {t.name: list(t.dims) for t in g.initializer}
+    out = []
+    for n in g.node:
+        if n.op_type == "MatMul" and len(n.input) == 2 and n.input[1] in shapes:
+            dims = shapes[n.input[1]]
+            if len(dims) == 2 and dims[0] > dims[1]:
+                out.append(n.name)
+    return out
+
+
 def quantize_onnx(src: str | Path, dst: str | Path) -> Path:
-    """Per-channel dynamic int8 MatMul weights (activations quantised per batch at run time)."""
+    """Per-channel dynamic int8 MatMul weights (activations quantised per batch at run time), except the
+    FFN down-projections, which stay fp32.
+
+    Why keep those: their input is the GELU output, whose few large outliers per token force a coarse
+    per-tensor activation scale (Bondarenko et al. 2021, "Understanding and overcoming the challenges of
+    efficient transformer quantization"). Measured on the demo model's validation split: everything int8
+    87.48% vs fp32 87.95% (-0.47 points, over the 0.3 bound); down-projections fp32 87.84-88.10%, at
+    1.26-1.41x the fp32 graph's items/s instead of 1.56x.
+    """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     dst = Path(dst)
+    keep_fp32 = ffn_down_projections(src)
     tmp = dst.with_name(f".{dst.name}.tmp")
     import logging
 
@@ -116,7 +141,9 @@ def quantize_onnx(src: str | Path, dst: str | Path) -> Path:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8, per_channel=True)
+            quantize_dynamic(
+                str(src), str(tmp), weight_type=QuantType.QInt8, per_channel=True, nodes_to_exclude=keep_fp32
+            )
     finally:
         root.setLevel(level)
     tmp.replace(dst)

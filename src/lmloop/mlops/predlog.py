@@ -121,6 +121,19 @@ def new_prediction_id(now: float | None = None) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- URLs
+def ulid_time(id: str) -> float | None:
+    """The creation time (unix seconds) encoded in a :func:`new_prediction_id`, or None if not one."""
+    if len(id) != 26:
+        return None
+    ms = 0
+    for ch in id[:10].upper():
+        k = _CROCKFORD.find(ch)
+        if k < 0:
+            return None
+        ms = ms * 32 + k
+    return ms / 1000
+
+
 def redact_url(url: str) -> str:
     """``url`` with any password replaced by ``***`` (in the user info and in a ``password=`` query
     parameter), safe to print or log: ``postgresql://u:***@h/db``."""

@@ -51,7 +51,7 @@ class MicroBatcher:
 
     def __init__(
         self,
-        predict: Callable[[list[str]], np.ndarray],
+        predict: Callable[..., np.ndarray],  # predict(texts, on_rows) -> (N, C); see Predictor.predict_proba
         *,
         max_batch: int = 64,
         max_wait_ms: float = 5.0,
@@ -65,6 +65,7 @@ class MicroBatcher:
         self._cv = threading.Condition()
         self._closing = False
         self._items_per_s = 200.0  # running estimate for Retry-After
+        self._expect = max_batch
         self._thread = threading.Thread(target=self._run, name="lmloop-infer", daemon=True)
         self._thread.start()
 
@@ -88,7 +89,12 @@ class MicroBatcher:
         return await job.future
 
     def _take(self) -> list[_Job] | None:
-        """Block for the first job, then gather up to max_batch texts or until max_wait has passed."""
+        """Block for the first job, then gather texts until the batch is "full" or max_wait has passed.
+
+        Full = ``max_batch`` texts, or as many as the previous batch carried (``_expect``): under steady
+        load from N concurrent clients each wave of requests is about N texts, so the batch goes as soon
+        as the wave is in instead of idling out the whole wait (or leaving stragglers for a tiny batch).
+        """
         with self._cv:
             while not self._jobs:
                 if self._closing:
@@ -105,7 +111,12 @@ class MicroBatcher:
                     batch.append(job)
                     n += len(job.texts)
                 left = deadline - time.perf_counter()
-                if n >= self.max_batch or left <= 0 or self._closing or (self._jobs and n > 0):
+                if (
+                    n >= min(self.max_batch, self._expect)
+                    or left <= 0
+                    or self._closing
+                    or (self._jobs and n > 0)
+                ):
                     # the last condition: the next job does not fit; run what we have
                     return batch
                 self._cv.wait(left)
@@ -118,23 +129,43 @@ class MicroBatcher:
             if not batch:
                 continue
             texts = [t for job in batch for t in job.texts]
+            # the next batch waits for about as many texts as this one had; more queued are taken anyway
+            self._expect = len(texts)
             t0 = time.perf_counter()
+            # answer each request as soon as its texts are through (the batch runs as several
+            # length-sorted forward passes): its client's next request then arrives while the rest of
+            # this batch computes, so the next batch is waiting when this one ends
+            owner = np.repeat(np.arange(len(batch)), [len(j.texts) for j in batch])
+            starts = np.concatenate([[0], np.cumsum([len(j.texts) for j in batch])])
+            left = [len(j.texts) for j in batch]
+            bufs: list = [None] * len(batch)
+
+            def on_rows(idx, rows, batch=batch, owner=owner, starts=starts, left=left, bufs=bufs):
+                for i, row in zip(idx.tolist(), rows, strict=True):
+                    j = owner[i]
+                    if bufs[j] is None:
+                        bufs[j] = np.empty((left[j], len(row)), dtype=np.float32)
+                    bufs[j][i - starts[j]] = row
+                    left[j] -= 1
+                    if left[j] == 0:
+                        job = batch[j]
+                        job.loop.call_soon_threadsafe(_resolve, job.future, bufs[j], None)
+
             try:
-                probs = self.predict(texts)  # (N, C)
+                self.predict(texts, on_rows)
                 err = None
             except Exception as e:  # a failure fails this batch's requests, never the thread
-                probs, err = None, e
+                err = e
             dt = time.perf_counter() - t0
             if dt > 0:
                 self._items_per_s = 0.8 * self._items_per_s + 0.2 * (len(texts) / dt)
             if self.on_batch:
                 self.on_batch(len(texts), dt)
-            i = 0
-            for job in batch:
-                k = len(job.texts)
-                part = None if probs is None else probs[i : i + k]
-                i += k
-                job.loop.call_soon_threadsafe(_resolve, job.future, part, err)
+            for j, job in enumerate(batch):
+                if left[j] > 0:  # only after a failure: answered requests are already resolved
+                    job.loop.call_soon_threadsafe(
+                        _resolve, job.future, None, err or RuntimeError("no result")
+                    )
 
     def close(self, timeout: float = 30.0) -> None:
         """Stop taking new work, finish what is queued (drain), then stop the thread."""
@@ -151,6 +182,9 @@ def _resolve(fut: asyncio.Future, value, err) -> None:
         fut.set_exception(err)
     else:
         fut.set_result(value)
+
+
+_FLUSH = ["flush"]  # a marker object on the writer's queue
 
 
 class LogWriter:
@@ -189,6 +223,7 @@ class LogWriter:
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until everything handed over before this call is committed; False on timeout."""
+        self._q.put(_FLUSH)  # wake the writer: commit now instead of at the end of its flush window
         with self._lock:
             target = self._submitted
             end = time.monotonic() + timeout
@@ -209,6 +244,8 @@ class LogWriter:
                 return
             if item is None:
                 break
+            if item is _FLUSH:
+                continue
             pending.extend(item)
             deadline = time.monotonic() + self.flush_s
             while len(pending) < self.flush_every:
@@ -221,6 +258,8 @@ class LogWriter:
                     break
                 if item is None:
                     stop = True
+                    break
+                if item is _FLUSH:
                     break
                 pending.extend(item)
             self._write(pending)
@@ -251,7 +290,7 @@ class LogWriter:
             rest = []
             while True:
                 item = self._q.get_nowait()
-                if item:
+                if item and item is not _FLUSH:
                     rest.extend(item)
         if rest:
             self._write(rest)

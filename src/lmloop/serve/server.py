@@ -55,12 +55,12 @@ def serve(
         )
     path = Path(resolve_model(model))
     settings.api_key = api_key
-    if settings.model_name == "model":
+    if not settings.model_name:
         settings.model_name = path.name
-    if settings.model_version == "unknown":
+    if not settings.model_version:
         settings.model_version = model_version(path)
     store = open_store(store_url)
-    predictor = Predictor.from_ref(str(path), backend=backend, batch_size=settings.max_batch)
+    predictor = Predictor.from_ref(str(path), backend=backend, batch_size=settings.batch_size)
     app = create_app(predictor, store, settings)
     say(
         f"serving {settings.model_name} ({settings.model_version}, backend {predictor.backend_name}) on "
@@ -76,7 +76,8 @@ def serve(
         log_level="info" if access_log else "warning",
         access_log=access_log,
         timeout_graceful_shutdown=drain_s,
-        limit_concurrency=max(256, settings.max_queue),
+        # far above what the bounded queue admits: overload is answered by our JSON 429, not uvicorn's 503
+        limit_concurrency=max(4096, 4 * settings.max_queue),
         server_header=False,
         lifespan="on",
     )
