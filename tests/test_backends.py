@@ -198,7 +198,7 @@ def test_auto_measures_records_and_reuses_its_choice(model_copy, monkeypatch):
     pred = Predictor.from_ref(str(model_copy), backend="auto", say=said.append)
     doc = json.loads((model_copy / bk.CALIBRATION_FILE).read_text())
     threads = bk._threads()
-    entry = doc["machines"][bk.machine_key(threads)]
+    entry = doc["machines"][bk.machine_key(threads, 32)]
     cands, skipped = bk.available_backends(model_copy, True)
     assert set(entry["results"]) == set(cands) and entry["reference"] == "torch"
     assert {"torch", "torch-int8", "onnx", "onnx-int8"} <= set(cands)
@@ -325,7 +325,7 @@ def test_calibrate_never_picks_a_faster_backend_that_loses_accuracy(model_copy, 
     assert e["chosen"] == "fast-one-off" and e["results"]["fast-one-off"]["qualifies"]
     # every run replaced the record for this machine key; the file stays one valid document
     doc = json.loads((model_copy / bk.CALIBRATION_FILE).read_text())
-    assert doc["machines"][bk.machine_key(1)]["chosen"] == "fast-one-off"
+    assert doc["machines"][bk.machine_key(1, 32)]["chosen"] == "fast-one-off"
 
 
 # -------------------------------------------------------------------------------------------------- export

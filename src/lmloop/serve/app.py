@@ -362,9 +362,12 @@ def create_app(predictor, store, settings: ServeSettings) -> FastAPI:
             try:
                 stored = await asyncio.to_thread(store.add_feedback, fb)
             except KeyError:
-                raise ApiError(
-                    404, "unknown_prediction", f"no prediction with id '{req.prediction_id}'"
-                ) from None
+                # or another replica sharing the store served it a moment ago and commits it soon
+                stored = await _await_other_replica(store, fb)
+                if stored is None:
+                    raise ApiError(
+                        404, "unknown_prediction", f"no prediction with id '{req.prediction_id}'"
+                    ) from None
         pred = await asyncio.to_thread(store.get_prediction, req.prediction_id)
         outcome = "correct" if pred is not None and pred.label == req.label else "incorrect"
         metrics.feedback.labels(outcome).inc()
