@@ -179,7 +179,7 @@ def test_predict_missing_text_column(cli, tmp_path, tiny_model_dir):
     src.write_text("body\nhello\n")
     code, _, err = cli("predict", "--model", tiny_model_dir, "--input", src, "--output", tmp_path / "o.csv")
     _assert_clean_error(
-        code, err, "predict", str(src), "no column 'text' (columns found: body)", "--text-column"
+        code, err, "predict", str(src), "no text column 'text' (columns found: body)", "--text-column"
     )
 
 

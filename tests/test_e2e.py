@@ -54,7 +54,7 @@ def test_quick_recipe_end_to_end(tmp_path, minilm_dir, vader_dir, run_lmloop, ml
     assert hf.config.num_hidden_layers == 6
     assert [hf.config.id2label[i] for i in range(hf.config.num_labels)] == sorted(test["per_class"])
     texts = ["What a wonderful, delightful film!", "This was a dreadful waste of money.", "ok"]
-    predictor = load(str(out))
+    predictor = load(str(out), backend="torch")  # the exact fp32 path (auto may pick int8)
     probs = predictor.predict_proba(texts)
     with torch.no_grad():
         ref = torch.softmax(hf(**tok(texts, padding=True, return_tensors="pt")).logits, -1).numpy()

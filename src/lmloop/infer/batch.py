@@ -8,6 +8,7 @@ is bounded by the window, not the file.
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,9 @@ def predict_file(
     t0 = time.perf_counter()
     n = 0
     chunks = read_chunks(input_path, text_column=text_column, id_column=id_column, chunk_rows=window, fmt=fmt)
+    # read the first chunk before any progress bar or output file: bad input fails fast and cleanly
+    first = next(chunks, None)
+    chunks = itertools.chain([first] if first is not None else [], chunks)
     bar = tqdm(total=total, unit="items", desc="predict", disable=not progress, smoothing=0.1)
     with ChunkWriter(output_path, fmt=out_fmt, columns_hint=[id_column, *extra]) as writer:
         for chunk in chunks:
