@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 export LMLOOP_HOME ?= $(HOME)/.cache/lmloop
 
-.PHONY: setup demo test test-fast lint format bench clean help
+.PHONY: setup demo test test-fast lint format bench bench-infer bench-serve clean help
 
 help:
 	@echo "make demo   - set up, then fine-tune MiniLM on vader-sentiment (recipes/sentiment.yaml)"
@@ -13,6 +13,7 @@ help:
 	@echo "make test-fast - tests without the slow end-to-end ones"
 	@echo "make lint   - ruff check + format check"
 	@echo "make bench  - benchmarks/finetune.py --quick"
+	@echo "make bench-infer / bench-serve - inference and serving benchmarks on runs/sentiment (after make demo)"
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -44,6 +45,12 @@ format: $(STAMP)
 
 bench: setup
 	$(BIN)/python benchmarks/finetune.py --quick
+
+bench-infer: setup
+	$(BIN)/python benchmarks/inference.py --model runs/sentiment
+
+bench-serve: setup
+	$(BIN)/python benchmarks/serve_load.py --model runs/sentiment
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache
