@@ -42,6 +42,17 @@ def quick_model(out: Path) -> Path:
     return out
 
 
+def pick_model(model: str | None, train_quick: bool, tmp: Path) -> Path:
+    """--model DIR (default runs/sentiment, the `make demo` model), or a freshly trained quick one."""
+    if train_quick:
+        print("training a quick model (vader-sentiment, 3,000 examples, 1 epoch) ...", flush=True)
+        return quick_model(tmp / "model")
+    model_dir = Path(model or "runs/sentiment")
+    if not (model_dir / "config.json").is_file():
+        sys.exit(f"{model_dir} is not a model directory: run `make demo` first, or pass --train-quick")
+    return model_dir
+
+
 def hf_pipeline(model_dir: Path, texts: list[str], max_length: int):
     """Returns (seconds, predicted label names)."""
     from transformers import pipeline
@@ -82,13 +93,7 @@ def main() -> int:
     from lmloop.infer import Predictor
 
     tmp = Path(tempfile.mkdtemp(prefix="lmloop-bench-infer-"))
-    if a.train_quick:
-        print("training a quick model (vader-sentiment, 3,000 examples, 1 epoch) ...", flush=True)
-        model_dir = quick_model(tmp / "model")
-    else:
-        model_dir = Path(a.model or "runs/sentiment")
-        if not (model_dir / "config.json").is_file():
-            sys.exit(f"{model_dir} is not a model directory: run `make demo` first, or pass --train-quick")
+    model_dir = pick_model(a.model, a.train_quick, tmp)
     data = load_data("vader-sentiment")
     test = data.test if not a.limit else data.test.iloc[: a.limit]
     texts, gold = list(test["text"]), list(test["label"])

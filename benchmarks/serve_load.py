@@ -229,16 +229,10 @@ def main() -> int:
     from lmloop.infer import Predictor
 
     tmp = Path(tempfile.mkdtemp(prefix="lmloop-bench-serve-"))
-    if a.train_quick:
-        sys.path.insert(0, str(ROOT / "benchmarks"))
-        from inference import quick_model
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from inference import pick_model
 
-        print("training a quick model (vader-sentiment, 3,000 examples, 1 epoch) ...", flush=True)
-        model_dir = quick_model(tmp / "model")
-    else:
-        model_dir = Path(a.model or "runs/sentiment")
-        if not (model_dir / "config.json").is_file():
-            sys.exit(f"{model_dir} is not a model directory: run `make demo` first, or pass --train-quick")
+    model_dir = pick_model(a.model, a.train_quick, tmp)
     texts = list(load_data("vader-sentiment").test["text"])
 
     # the server calibrates (if needed) before /ready; do it here first so both see the same choice

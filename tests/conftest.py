@@ -274,3 +274,32 @@ def postgres_url():
         if started:
             run(str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop")
         shutil.rmtree(root, ignore_errors=True)
+
+
+def finetune_confident_tiny(out: Path, tiny_model_dir: Path, toy_csv: Path) -> Path:
+    """Fine-tune the tiny BERT on the toy data into ``out`` (which then holds validation.jsonl).
+
+    8 epochs at 1e-2: confident (p ~0.9) rather than barely-right (p ~0.52) predictions, so int8 rounding
+    cannot flip clear-cut texts and rows of the two classes are told apart.
+    """
+    from lmloop.cli import main
+
+    code = main(
+        [
+            "finetune",
+            "--data", str(toy_csv),
+            "--model", str(tiny_model_dir),
+            "--epochs", "8",
+            "--batch-size", "8",
+            "--lr", "1e-2",
+            "--patience", "0",
+            "--no-freeze-embeddings",  # random embeddings must train
+            "--precision", "fp32",
+            "--no-track",
+            "--out", str(out),
+            "--quiet",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    assert (out / "validation.jsonl").is_file()
+    return out

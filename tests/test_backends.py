@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import finetune_confident_tiny
 from lmloop.errors import LmloopError
 from lmloop.infer import backends as bk
 from lmloop.infer.predictor import Predictor
@@ -38,31 +39,8 @@ CLEAR = [
 
 @pytest.fixture(scope="module")
 def finetuned(tmp_path_factory, tiny_model_dir, toy_csv) -> Path:
-    """The tiny BERT fine-tuned on the toy data (separable classes); its dir holds validation.jsonl."""
-    from lmloop.cli import main
-
-    out = tmp_path_factory.mktemp("backends") / "model"
-    code = main(
-        [
-            "finetune",
-            "--data", str(toy_csv),
-            "--model", str(tiny_model_dir),
-            # 8 epochs at 1e-2: confident (p ~0.9) rather than barely-right (p ~0.52) predictions, so
-            # int8 rounding cannot flip clear-cut texts and rows of the two classes are told apart
-            "--epochs", "8",
-            "--batch-size", "8",
-            "--lr", "1e-2",
-            "--patience", "0",
-            "--no-freeze-embeddings",  # random embeddings must train
-            "--precision", "fp32",
-            "--no-track",
-            "--out", str(out),
-            "--quiet",
-        ]
-    )  # fmt: skip
-    assert code == 0
-    assert (out / "validation.jsonl").is_file()
-    return out
+    """The tiny BERT fine-tuned on the toy data; its dir holds validation.jsonl (for auto and export)."""
+    return finetune_confident_tiny(tmp_path_factory.mktemp("backends") / "model", tiny_model_dir, toy_csv)
 
 
 @pytest.fixture(scope="module")

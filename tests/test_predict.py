@@ -17,6 +17,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import finetune_confident_tiny
+
 N = 50
 POS = ["great", "wonderful", "excellent", "superb"]
 NEG = ["terrible", "awful", "horrible", "dreadful"]
@@ -25,27 +27,7 @@ NEG = ["terrible", "awful", "horrible", "dreadful"]
 @pytest.fixture(scope="module")
 def finetuned(tmp_path_factory, tiny_model_dir, toy_csv) -> Path:
     """The tiny BERT fine-tuned on the toy data; its dir holds validation.jsonl (for auto and export)."""
-    from lmloop.cli import main
-
-    out = tmp_path_factory.mktemp("predict") / "model"
-    code = main(
-        [
-            "finetune",
-            "--data", str(toy_csv),
-            "--model", str(tiny_model_dir),
-            "--epochs", "8",  # 8 epochs at 1e-2: confident predictions (see test_backends.py)
-            "--batch-size", "8",
-            "--lr", "1e-2",
-            "--patience", "0",
-            "--no-freeze-embeddings",
-            "--precision", "fp32",
-            "--no-track",
-            "--out", str(out),
-            "--quiet",
-        ]
-    )  # fmt: skip
-    assert code == 0
-    return out
+    return finetune_confident_tiny(tmp_path_factory.mktemp("predict") / "model", tiny_model_dir, toy_csv)
 
 
 @pytest.fixture(scope="module")
