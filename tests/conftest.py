@@ -276,7 +276,13 @@ def postgres_url():
         shutil.rmtree(root, ignore_errors=True)
 
 
-def finetune_confident_tiny(out: Path, tiny_model_dir: Path, toy_csv: Path) -> Path:
+@pytest.fixture(scope="session")
+def finetune_confident_tiny():
+    """``finetune_confident_tiny(out, tiny_model_dir, toy_csv)``: see :func:`_finetune_confident_tiny`."""
+    return _finetune_confident_tiny
+
+
+def _finetune_confident_tiny(out: Path, tiny_model_dir: Path, toy_csv: Path) -> Path:
     """Fine-tune the tiny BERT on the toy data into ``out`` (which then holds validation.jsonl).
 
     8 epochs at 1e-2: confident (p ~0.9) rather than barely-right (p ~0.52) predictions, so int8 rounding

@@ -98,7 +98,9 @@ def test_resolve_garbage_lists_packaged_names(ref, tmp_path, monkeypatch):
 
 
 def test_unknown_asset_name_lists_known():
-    with pytest.raises(AssetError, match=r"unknown packaged asset 'nope'; known: minilm-l6, vader-sentiment"):
+    with pytest.raises(
+        AssetError, match=r"unknown packaged asset 'nope'; known: minilm-l6, shakespeare, vader-sentiment"
+    ):
         fetch("nope")
 
 

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import finetune_confident_tiny
 from lmloop.errors import LmloopError
 from lmloop.infer import backends as bk
 from lmloop.infer.predictor import Predictor
@@ -38,7 +37,7 @@ CLEAR = [
 
 
 @pytest.fixture(scope="module")
-def finetuned(tmp_path_factory, tiny_model_dir, toy_csv) -> Path:
+def finetuned(tmp_path_factory, tiny_model_dir, toy_csv, finetune_confident_tiny) -> Path:
     """The tiny BERT fine-tuned on the toy data; its dir holds validation.jsonl (for auto and export)."""
     return finetune_confident_tiny(tmp_path_factory.mktemp("backends") / "model", tiny_model_dir, toy_csv)
 

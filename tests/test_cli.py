@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-VERBS = ["assets", "data", "finetune", "evaluate", "predict", "run", "recipe"]
+VERBS = ["assets", "data", "finetune", "evaluate", "predict", "export", "serve", "estimate", "run", "recipe"]
 
 
 def test_help_lists_the_verbs(run_lmloop):
@@ -242,7 +242,7 @@ def test_assets_json(cli, minilm_dir, vader_dir):
     assert code == 0, err
     rows = json.loads(out)
     by_name = {r["name"]: r for r in rows}
-    assert set(by_name) == {"minilm-l6", "vader-sentiment"}
+    assert set(by_name) == {"minilm-l6", "shakespeare", "vader-sentiment"}
     assert by_name["minilm-l6"]["kind"] == "model" and by_name["vader-sentiment"]["kind"] == "data"
     assert by_name["minilm-l6"]["cached"] is True and by_name["minilm-l6"]["path"] == str(minilm_dir)
     assert by_name["vader-sentiment"]["path"] == str(vader_dir)

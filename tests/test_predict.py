@@ -17,15 +17,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import finetune_confident_tiny
-
 N = 50
 POS = ["great", "wonderful", "excellent", "superb"]
 NEG = ["terrible", "awful", "horrible", "dreadful"]
 
 
 @pytest.fixture(scope="module")
-def finetuned(tmp_path_factory, tiny_model_dir, toy_csv) -> Path:
+def finetuned(tmp_path_factory, tiny_model_dir, toy_csv, finetune_confident_tiny) -> Path:
     """The tiny BERT fine-tuned on the toy data; its dir holds validation.jsonl (for auto and export)."""
     return finetune_confident_tiny(tmp_path_factory.mktemp("predict") / "model", tiny_model_dir, toy_csv)
 

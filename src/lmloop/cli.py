@@ -17,6 +17,7 @@ LOOP = """\
 verbs (the stage each serves):
   assets     data      list / fetch / verify packaged models and data sets (offline after first fetch)
   data       data      load, validate, de-duplicate, split and fingerprint a data set; write its card
+  estimate   pretrain  what pretraining a model costs: params, FLOPs, memory, tokens, measured wall time
   finetune   finetune  fine-tune a classifier on a file or built-in data set (default model: minilm-l6)
   evaluate   evaluate  metrics, calibration and an HTML report for a model on labelled data
   predict    infer     label a file of texts of any size (backends: torch, int8, ONNX; auto = measured)
@@ -26,6 +27,7 @@ verbs (the stage each serves):
   recipe     all       every recipe key with its type, default and meaning
 
 examples:
+  lmloop estimate --preset gpt-tiny --tokens 10M
   lmloop finetune --data vader-sentiment --out runs/vader
   lmloop finetune --data reviews.csv --text-column body --label-column stars --epochs 2 --out runs/reviews
   lmloop evaluate --model runs/vader --data vader-sentiment
@@ -336,6 +338,25 @@ def cmd_serve(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_estimate(a: argparse.Namespace) -> int:
+    from lmloop.estimate import estimate, format_estimate, parse_count
+
+    tokens = parse_count(a.tokens)  # before the heavy imports: a typo fails at once
+    d = estimate(
+        preset=a.preset,
+        model_ref=a.model,
+        tokens=tokens,
+        objective=a.objective,
+        seq_len=a.seq_len,
+        batch_size=a.batch_size,
+        vocab_size=a.vocab_size,
+        calibrate_time=not a.no_calibrate,
+        recalibrate=a.recalibrate,
+    )
+    print(json.dumps(d, indent=2, default=str) if a.json else format_estimate(d))
+    return 0
+
+
 def cmd_recipe(a: argparse.Namespace) -> int:
     from lmloop.config import describe_schema, load_recipe
 
@@ -574,6 +595,37 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model-name", help="name reported and logged (default: the model folder name)")
     g.add_argument("--model-version", help="version reported and logged (default: sha256 of the weights)")
     s.set_defaults(fn=cmd_serve)
+
+    from lmloop.presets import describe_presets
+
+    s = sub.add_parser(
+        "estimate",
+        help="cost of pretraining a model: params, FLOPs, memory, tokens, wall time",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Parameters (embedding / non-embedding), training FLOPs (6ND + attention), memory for\n"
+        "weights + gradients + AdamW + activations, the compute-optimal token count (~20 per parameter)\n"
+        "and the wall time on this machine, from a short measured run of real training steps (cached\n"
+        "in $LMLOOP_HOME/estimate_calibration.json; --recalibrate measures again).\n\n"
+        "  lmloop estimate --preset gpt-tiny --tokens 10M\n"
+        "  lmloop estimate --model minilm-l6 --objective mlm --tokens 2.5B --batch-size 64\n\n"
+        "presets:\n" + describe_presets(),
+    )
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--preset", metavar="NAME", help="a model size from the list below")
+    g.add_argument("--model", metavar="REF", help="local model directory or packaged name (its config.json)")
+    s.add_argument("--tokens", required=True, metavar="N", help="training tokens: 300k, 10M, 2.5B, 1e9")
+    s.add_argument(
+        "--objective",
+        choices=["mlm", "clm"],
+        help="default: the preset's; for --model, mlm for encoders and clm for decoders",
+    )
+    s.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default 128)")
+    s.add_argument("--batch-size", type=int, default=32, help="sequences per step (default 32)")
+    s.add_argument("--vocab-size", type=int, default=8192, help="vocabulary of a preset (default 8192)")
+    s.add_argument("--no-calibrate", action="store_true", help="skip the timing run (no wall time)")
+    s.add_argument("--recalibrate", action="store_true", help="measure again instead of using the cache")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_estimate)
 
     s = sub.add_parser("recipe", help="list every recipe key, or --check recipe files")
     s.add_argument("--check", nargs="+", metavar="FILE", help="validate these recipe files")
