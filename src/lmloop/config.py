@@ -122,6 +122,58 @@ class TrainConfig:
 
 
 @dataclass
+class PretrainConfig:
+    """Pretraining (``task: pretrain``): the corpus, tokenizer and model to build. The optimiser keys
+    (batch_size, lr, max_steps, seed, precision, patience, warmup, checkpoint_every, threads) come from
+    ``train``; its fine-tuning keys (metric, freeze_embeddings, fast_path, evals_per_epoch, window) are
+    ignored. Without ``preset``, ``model.base`` is pretrained further (domain-adaptive pretraining)."""
+
+    objective: Literal["mlm", "clm"] | None = None
+    """'mlm' (masked LM, encoders) or 'clm' (next-token, decoders); default: the preset's or the model's."""
+    corpus: list[str] = field(default_factory=lambda: ["shakespeare"])
+    """Text files/folders (.txt .md .jsonl .parquet, .gz too) or the built-in name 'shakespeare'."""
+    preset: str | None = None
+    """Build this model size from scratch (see `lmloop estimate --help`); null = continue model.base."""
+    tokenizer: str = "train"
+    """'train' a new one on the corpus (WordPiece for mlm, byte-level BPE for clm), or a tokenizer/model
+    directory or packaged name; continued pretraining always keeps the model's own tokenizer."""
+    vocab_size: int = 8192
+    """Vocabulary of a trained tokenizer (it may come out smaller on a small corpus)."""
+    seq_len: int = 128
+    """Tokens per packed block: every training example is exactly this long."""
+    doc_mode: Literal["file", "paragraph", "line"] = "paragraph"
+    """What a document is in a plain-text file (the unit of de-duplication and of the split)."""
+    val_frac: float = 0.05
+    """Share of documents held out (by hash) for validation loss and perplexity."""
+    tokens: int | str | None = None
+    """Train on this many tokens (10M, 2.5B, 1e6) instead of train.max_steps / train.epochs."""
+    eval_every: int = 100
+    """Optimizer steps between validation passes (loss, perplexity, a CLM sample, early stopping)."""
+    eval_blocks: int = 256
+    """Validation blocks scored per pass (the first N, always the same ones)."""
+    mlm_probability: float = 0.15
+    """Share of non-special tokens selected for MLM (of which 80% [MASK], 10% random, 10% unchanged)."""
+    sample_tokens: int = 40
+    """Tokens generated at each validation pass of a CLM (0 = no samples)."""
+
+    def __post_init__(self) -> None:
+        if not self.corpus:
+            raise ValueError("corpus is empty: give at least one file, folder or 'shakespeare'")
+        if not 8 <= self.seq_len <= 8192:
+            raise ValueError("seq_len must be in [8, 8192]")
+        if self.vocab_size < 8:
+            raise ValueError("vocab_size must be >= 8")
+        if not 0.0 < self.val_frac < 0.5:
+            raise ValueError("val_frac must be in (0, 0.5)")
+        if self.eval_every < 1 or self.eval_blocks < 1:
+            raise ValueError("eval_every must be >= 1 and eval_blocks >= 1")
+        if not 0.0 < self.mlm_probability < 1.0:
+            raise ValueError("mlm_probability must be in (0, 1)")
+        if self.sample_tokens < 0:
+            raise ValueError("sample_tokens must be >= 0")
+
+
+@dataclass
 class TrackingConfig:
     uri: str | None = None
     """MLflow tracking URI; default: $MLFLOW_TRACKING_URI, else sqlite:///<LMLOOP_HOME>/mlflow.db."""
@@ -135,11 +187,15 @@ class TrackingConfig:
 class Recipe:
     name: str = "run"
     """A short name for the run (also the default MLflow run name)."""
+    task: Literal["finetune", "pretrain"] = "finetune"
+    """What `lmloop run` does: fine-tune a classifier (sections data/model/train) or pretrain a language
+    model (sections pretrain/model/train)."""
     out: str = "runs/run"
     """Output directory: the fine-tuned HF model, metrics.json, data card, report.html, checkpoints."""
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
@@ -157,6 +213,8 @@ def _type_name(tp: Any) -> str:
         return f"{names} or null" if len(args) < len(typing.get_args(tp)) else names
     if dataclasses.is_dataclass(tp):
         return "a mapping"
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -188,6 +246,16 @@ def _convert(value: Any, tp: Any, key: str, src: str, node: Any) -> Any:
         raise ConfigError(f"{_where(src, node)}: '{key}' must be {_type_name(tp)}, got {value!r}")
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key, src, node)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{_where(src, node)}: '{key}' must be {_type_name(tp)}, got {value!r}")
+        items = getattr(node, "value", None)
+        items = items if isinstance(items, list) and len(items) == len(value) else [node] * len(value)
+        (elem,) = typing.get_args(tp)
+        return [
+            _convert(v, elem, f"{key}[{i}]", src, n)
+            for i, (v, n) in enumerate(zip(value, items, strict=True))
+        ]
     ok = (
         (tp is float and isinstance(value, (int, float)) and not isinstance(value, bool))
         or (tp is int and isinstance(value, int) and not isinstance(value, bool))

@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 
 from lmloop.config import Recipe
-from lmloop.errors import LmloopError
 from lmloop.evaluate import evaluate_split, label_ids
 from lmloop.fsutil import atomic_write_text
+from lmloop.train import check_out_dir  # shared with pretrain
 
 
 def _say(msg: str) -> None:
@@ -307,21 +307,3 @@ def _version() -> str:
     from lmloop import __version__
 
     return __version__
-
-
-def check_out_dir(out: Path, resume: bool) -> None:
-    """Refuse to overwrite a finished model unless resuming/forced: the user's model is data too."""
-    from lmloop.train import find_checkpoint
-
-    if resume:
-        if (out / "metrics.json").is_file() and find_checkpoint(out / "checkpoints" / "last") is None:
-            raise LmloopError(
-                f"{out} holds a finished run (metrics.json, no checkpoint): nothing to resume; "
-                "use --force to retrain it or choose another --out"
-            )
-        return
-    if (out / "metrics.json").is_file() or (out / "checkpoints" / "last").exists():
-        raise LmloopError(
-            f"{out} already holds a run; pass --resume to continue it, --force to overwrite, "
-            "or choose another --out"
-        )

@@ -255,6 +255,22 @@ def _is_tied(model, key: str) -> bool:
     return key in tied
 
 
+def check_out_dir(out: Path, resume: bool) -> None:
+    """Refuse to overwrite a finished model unless resuming/forced: the user's model is data too."""
+    if resume:
+        if (out / "metrics.json").is_file() and find_checkpoint(out / "checkpoints" / "last") is None:
+            raise LmloopError(
+                f"{out} holds a finished run (metrics.json, no checkpoint): nothing to resume; "
+                "use --force to retrain it or choose another --out"
+            )
+        return
+    if (out / "metrics.json").is_file() or (out / "checkpoints" / "last").exists():
+        raise LmloopError(
+            f"{out} already holds a run; pass --resume to continue it, --force to overwrite, "
+            "or choose another --out"
+        )
+
+
 # ------------------------------------------------------------------------------------------------ loop
 
 
@@ -275,6 +291,7 @@ class LoopConfig:
     window: int = 64
     max_steps: int | None = None
     checkpoint_every: int = 200
+    eval_every: int | None = None  # steps between evaluations; None = derived from evals_per_epoch
 
 
 @dataclass
@@ -317,7 +334,7 @@ def train_loop(
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs))
     warmup = int(total * cfg.warmup_ratio)
-    eval_every = max(1, steps_per_epoch // max(1, cfg.evals_per_epoch))
+    eval_every = cfg.eval_every or max(1, steps_per_epoch // max(1, cfg.evals_per_epoch))
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: linear_warmup_decay(s, total, warmup))
 
