@@ -113,7 +113,7 @@ def toy_csv(tmp_path_factory) -> Path:
     return _write_toy_csv(tmp_path_factory.mktemp("toy-data") / "toy.csv")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def write_toy_csv():
     """Writer of toy CSVs: ``write_toy_csv(path, n=120, seed=0)``."""
     return _write_toy_csv

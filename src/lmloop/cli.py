@@ -175,7 +175,8 @@ def cmd_finetune(a: argparse.Namespace) -> int:
 
     recipe = _recipe_from_flags(a)
     metrics = run_recipe(recipe, resume=a.resume, force=a.force, progress=not a.quiet)
-    _finish(metrics, recipe.out)
+    if metrics is not None:  # None on torchrun ranks > 0: rank 0 reports
+        _finish(metrics, recipe.out)
     return 0
 
 
@@ -266,7 +267,8 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
 
         raise ConfigError(f"{a.recipe}: 'task' is {recipe.task!r}; lmloop pretrain runs 'task: pretrain'")
     metrics = run_pretrain(recipe, resume=a.resume, force=a.force, progress=not a.quiet, recipe_path=a.recipe)
-    _finish_pretrain(metrics, recipe.out)
+    if metrics is not None:
+        _finish_pretrain(metrics, recipe.out)
     return 0
 
 
@@ -292,12 +294,14 @@ def cmd_run(a: argparse.Namespace) -> int:
         metrics = run_pretrain(
             recipe, resume=a.resume, force=a.force, progress=not a.quiet, recipe_path=a.recipe
         )
-        _finish_pretrain(metrics, recipe.out)
+        if metrics is not None:
+            _finish_pretrain(metrics, recipe.out)
         return 0
     from lmloop.finetune import run_recipe
 
     metrics = run_recipe(recipe, resume=a.resume, force=a.force, progress=not a.quiet, recipe_path=a.recipe)
-    _finish(metrics, recipe.out)
+    if metrics is not None:
+        _finish(metrics, recipe.out)
     return 0
 
 
@@ -805,6 +809,51 @@ def _add_run_args(s: argparse.ArgumentParser, with_name: bool = True) -> None:
     )
     g.add_argument("--force", action="store_true", help="overwrite an existing output directory")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="data-parallel over N processes on this machine: re-runs this command under torchrun "
+        "(gloo on CPU, NCCL on GPUs); rank 0 logs and writes. No speed-up on a machine with few cores",
+    )
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for x in argv:
+        if skip:
+            skip = False
+        elif x == "--nproc":
+            skip = True
+        elif not x.startswith("--nproc="):
+            out.append(x)
+    return out
+
+
+def _relaunch_under_torchrun(argv: list[str], nproc: int) -> int:
+    """Run ``lmloop <argv without --nproc>`` as ``torchrun --standalone --nproc_per_node N``; its exit code.
+
+    ``--standalone`` picks a free port on localhost; for several machines call torchrun directly with
+    ``--nnodes``/``--rdzv-endpoint`` (see the README).
+    """
+    import subprocess
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        "-m",
+        "lmloop",
+        *_without_nproc(argv),
+    ]
+    print(f"[lmloop] launching: {' '.join(cmd)}", file=sys.stderr, flush=True)
+    try:
+        return subprocess.call(cmd)
+    except KeyboardInterrupt:
+        return 130
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -815,6 +864,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from lmloop.errors import LmloopError
 
+    nproc = getattr(a, "nproc", None)
+    if nproc is not None and nproc > 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
+        return _relaunch_under_torchrun(sys.argv[1:] if argv is None else list(argv), nproc)
     try:
         return a.fn(a) or 0
     except LmloopError as e:
@@ -825,6 +877,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         os._exit(0)
+    finally:
+        from lmloop import dist
+
+        dist.cleanup()
 
 
 if __name__ == "__main__":

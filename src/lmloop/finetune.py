@@ -33,7 +33,10 @@ from lmloop.train import check_out_dir  # shared with pretrain
 
 
 def _say(msg: str) -> None:
-    print(f"[lmloop] {msg}", file=sys.stderr, flush=True)
+    from lmloop.dist import is_main
+
+    if is_main():  # under torchrun only rank 0 talks
+        print(f"[lmloop] {msg}", file=sys.stderr, flush=True)
 
 
 def load_recipe_data(recipe: Recipe):
@@ -65,15 +68,19 @@ def run_recipe(
     force: bool = False,
     progress: bool = True,
     recipe_path: str | None = None,
-) -> dict:
+) -> dict | None:
     """Run data -> fine-tune -> evaluate -> record for one recipe; returns the metrics dict.
 
     An existing run in ``recipe.out`` is continued with ``resume``, replaced with ``force`` (only once
     the new data has validated, so a typo never costs the old model), and otherwise refused.
+
+    Under ``torchrun`` every rank runs this; rank 0 alone writes ``recipe.out`` and talks to MLflow, the
+    others train their shard (see :func:`lmloop.train.train_loop`) and return None.
     """
     import torch
     import yaml
 
+    from lmloop import dist
     from lmloop.assets import resolve_model
     from lmloop.data import write_card
     from lmloop.evaluate import write_metrics_json, write_report
@@ -82,6 +89,8 @@ def run_recipe(
     from lmloop.models import classifier_logits, load_classifier, supports_fast_path
     from lmloop.train import LoopConfig, pad_batch, pick_precision, set_seed, train_loop
 
+    dist.init()
+    main = dist.is_main()
     t_start = time.perf_counter()
     tc, out = recipe.train, Path(recipe.out)
     if not force:
@@ -92,10 +101,12 @@ def run_recipe(
     # -- data -------------------------------------------------------------------------------------------
     data = load_recipe_data(recipe)
     labels = data.labels
-    if force and not resume and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_card(data.card, out)
+    if main:
+        if force and not resume and out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_card(data.card, out)
+    dist.barrier()  # the other ranks read nothing from out/, but must not race rank 0's rmtree
     _say(
         f"data: train {len(data.train)}, validation {len(data.validation)}, test {len(data.test)}; "
         f"labels {labels}; card -> {out / 'data_card.md'}"
@@ -107,7 +118,8 @@ def run_recipe(
     tok, model = load_classifier(base, labels=labels)
     if tc.freeze_embeddings:
         model.get_input_embeddings().weight.requires_grad_(False)
-    precision = pick_precision(tc.precision)
+    # rank 0 measures, everyone uses its answer: ranks must not train in different precisions
+    precision = dist.broadcast_object(pick_precision(tc.precision) if main else None)
     fast = tc.fast_path and supports_fast_path(model)
     _say(
         f"model: {recipe.model.base} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), "
@@ -167,7 +179,10 @@ def run_recipe(
     else:
         tags = {"lmloop.stage": "finetune", "lmloop.out": str(out.resolve())}
         tracker.start(recipe.name, params=params, tags=tags)
-    atomic_write_text(run_file, json.dumps({"mlflow_run_id": tracker.run_id, "tracking_uri": tracker.uri}))
+    if main:
+        atomic_write_text(
+            run_file, json.dumps({"mlflow_run_id": tracker.run_id, "tracking_uri": tracker.uri})
+        )
     try:
         loop_cfg = LoopConfig(
             epochs=tc.epochs,
@@ -197,6 +212,8 @@ def run_recipe(
             log=tracker.log_metrics,
             progress=progress,
         )
+        if not main:
+            return None  # rank 0 evaluates and writes the outputs
 
         # -- best weights, final evaluation --------------------------------------------------------------
         best = out / "checkpoints" / "best" / "model.safetensors"

@@ -44,7 +44,10 @@ META_FILE = "pretrain.json"
 
 
 def _say(msg: str) -> None:
-    print(f"[lmloop] {msg}", file=sys.stderr, flush=True)
+    from lmloop.dist import is_main
+
+    if is_main():  # under torchrun only rank 0 talks
+        print(f"[lmloop] {msg}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------- corpus
@@ -274,21 +277,27 @@ def run_pretrain(
     progress: bool = True,
     recipe_path: str | None = None,
     calibrate: bool = True,
-) -> dict:
+) -> dict | None:
     """Run corpus -> tokenizer -> packed blocks -> pretrain -> evaluate -> record; returns metrics.
 
     From scratch with ``recipe.pretrain.preset``, else continued from ``recipe.model.base``. An existing
     ``recipe.out`` is continued with ``resume`` (same data and schedule), replaced with ``force``, and
     otherwise refused. ``calibrate`` times a few real steps first for the wall-time prediction.
+
+    Under ``torchrun`` every rank runs this; rank 0 alone prepares the data, writes ``recipe.out`` and
+    talks to MLflow, the others read rank 0's packed data, train their shard and return None.
     """
     import torch
     import yaml
 
+    from lmloop import dist
     from lmloop.estimate import estimate, parse_count
     from lmloop.mlops.tracking import Tracker
     from lmloop.presets import build_config, build_model, default_objective, get_preset
     from lmloop.train import LoopConfig, check_out_dir, pick_precision, set_seed, train_loop
 
+    dist.init()
+    main = dist.is_main()
     t_start = time.perf_counter()
     pc, tc, out = recipe.pretrain, recipe.train, Path(recipe.out)
     paths = resolve_corpus(pc.corpus)  # a typo fails before anything is written
@@ -319,9 +328,10 @@ def run_pretrain(
             _say("continued pretraining keeps the model's tokenizer; ignoring pretrain.tokenizer")
 
     # -- data ---------------------------------------------------------------------------------------------
-    if force and not resume and out.exists():
+    if main and force and not resume and out.exists():
         shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     data_dir = out / "data"
     card_file = data_dir / "card.json"
     settings = {
@@ -334,7 +344,9 @@ def run_pretrain(
         "vocab_size": pc.vocab_size,
         "objective": objective,
     }
-    old = json.loads(card_file.read_text()) if resume and card_file.is_file() else None
+    if not main:
+        dist.barrier()  # rank 0 prepares (or checks) out/data; the others then read exactly its files
+    old = json.loads(card_file.read_text()) if (resume or not main) and card_file.is_file() else None
     if old is not None and old.get("settings") == settings:
         # resume: the packed blocks and tokenizer are data of this run; re-reading them keeps it exact
         from lmloop.data.tokenizer import load_tokenizer
@@ -362,6 +374,8 @@ def run_pretrain(
         )
         card["settings"] = settings
         atomic_write_text(card_file, json.dumps(card, indent=2))
+    if main:
+        dist.barrier()
     from lmloop.data.corpus import load_packed
 
     train_arr, val_arr = load_packed(data_dir / "train.npy"), load_packed(data_dir / "val.npy")
@@ -380,8 +394,11 @@ def run_pretrain(
         total = math.ceil(parse_count(pc.tokens, "pretrain.tokens") / (B * T))
     else:
         total = max(1, math.ceil(math.ceil(len(train_arr) / B) * tc.epochs))
-    precision = pick_precision(tc.precision)
+    # rank 0 measures, everyone uses its answer: ranks must not train in different precisions
+    precision = dist.broadcast_object(pick_precision(tc.precision) if main else None)
     try:
+        if not main:
+            raise RuntimeError("rank 0 reports the estimate")
         est = estimate(
             preset=pc.preset,
             model_ref=None if pc.preset else recipe.model.base,
@@ -485,7 +502,7 @@ def run_pretrain(
     if previous and tracker.resume(previous):
         _say(f"tracking: continuing MLflow run {previous}")
     else:
-        if not resume:
+        if main and not resume:
             samples_jsonl.unlink(missing_ok=True)
         tracker.start(
             recipe.name,
@@ -499,7 +516,10 @@ def run_pretrain(
             },
             tags={"lmloop.stage": "pretrain", "lmloop.out": str(out.resolve())},
         )
-    atomic_write_text(run_file, json.dumps({"mlflow_run_id": tracker.run_id, "tracking_uri": tracker.uri}))
+    if main:
+        atomic_write_text(
+            run_file, json.dumps({"mlflow_run_id": tracker.run_id, "tracking_uri": tracker.uri})
+        )
     try:
         loop_cfg = LoopConfig(
             epochs=tc.epochs,
@@ -529,6 +549,8 @@ def run_pretrain(
             log=log,
             progress=progress,
         )
+        if not main:
+            return None  # rank 0 evaluates and writes the outputs
 
         # -- best weights (lowest validation loss), final evaluation ------------------------------------
         best = out / "checkpoints" / "best"

@@ -274,6 +274,27 @@ def check_out_dir(out: Path, resume: bool) -> None:
 # ------------------------------------------------------------------------------------------------ loop
 
 
+def _loss_module(model, loss_fn):
+    """``model`` and ``loss_fn`` as one nn.Module, so DistributedDataParallel's forward sees the loss.
+
+    ``forward(batch)`` returns ``loss_fn(model, batch)``; ``forward(None)`` (a rank whose shard of a short
+    batch is empty) returns 0 * sum(params): zero gradients that still take part in the all-reduce.
+    """
+    import torch
+
+    class LossModule(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, batch):
+            if batch is None:
+                return sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0.0
+            return loss_fn(self.model, batch)
+
+    return LossModule()
+
+
 @dataclass
 class LoopConfig:
     epochs: float
@@ -325,9 +346,21 @@ def train_loop(
     throughput accounting), ``loss_fn(model, batch)`` returns a scalar loss. The best weights by
     ``cfg.metric`` are kept in ``out_dir/checkpoints/best``; ``out_dir/checkpoints/last`` holds
     everything needed to continue after a crash (``resume=True``).
+
+    Under ``torchrun`` (see :mod:`lmloop.dist`) every rank runs this same loop on the same batch order
+    and takes a disjoint shard of each global batch of ``cfg.batch_size``; gradients are averaged by
+    DistributedDataParallel, so N processes follow the 1-process trajectory up to float summation order.
+    Only rank 0 evaluates, logs, shows the bar and writes checkpoints; its decision to stop early is
+    broadcast so every rank leaves the loop at the same step.
     """
     import torch
 
+    from lmloop import dist
+
+    ws, rank = dist.world_size(), dist.rank()
+    main = rank == 0
+    if not main:
+        progress, log = False, None
     out_dir = Path(out_dir)
     ckpt_last, ckpt_best = out_dir / "checkpoints" / "last", out_dir / "checkpoints" / "best"
     n = len(lengths)
@@ -358,7 +391,23 @@ def train_loop(
         sched.last_epoch = step  # LambdaLR recomputes lr from last_epoch at each step()
         for g in optimizer.param_groups:
             g["lr"] = cfg.lr * linear_warmup_decay(step, total, warmup)
-        print(f"[lmloop] resumed from {found} at step {step}/{total}", file=sys.stderr)
+        if main:
+            print(f"[lmloop] resumed from {found} at step {step}/{total}", file=sys.stderr)
+    if ws > 1 and rank > 0:
+        # Every rank starts from rank 0's RNG (set_seed, or the checkpoint, which holds rank 0's state
+        # only). Identical streams would give shards of equal shape identical dropout / MLM masks, so the
+        # other ranks fold (seed, rank, step) into a stream of their own. Consequence: after a resume,
+        # ranks > 0 do not continue their old stream, so a resumed N-process run equals an uninterrupted
+        # one exactly only when training draws no randomness (dropout 0, no masking); rank 0 is exact.
+        torch.manual_seed(int(np.random.SeedSequence([cfg.seed, rank, step]).generate_state(1)[0]))
+    fwd = model
+    if ws > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # DDP averages gradients in hooks armed by its own forward(); the stages' loss_fn may bypass
+        # model.forward (the classifier's [CLS]-only fast path), so DDP wraps "model + loss_fn" instead.
+        # find_unused_parameters: a head or pooler a given loss never reads must not hang the all-reduce.
+        fwd = DistributedDataParallel(_loss_module(model, loss_fn), find_unused_parameters=True)
 
     def state(stopped: bool = False) -> dict:
         return {
@@ -374,7 +423,32 @@ def train_loop(
             "tokens": tokens,
             "elapsed": elapsed_before + (time.perf_counter() - t0),
             "stopped": stopped,
+            "world_size": ws,  # informational: a checkpoint resumes under any number of processes
         }
+
+    def _evaluate_and_keep_best() -> bool:
+        # rank 0 only: evaluate, record, keep the best weights; returns whether to stop early
+        nonlocal best, best_step, bad_evals
+        metrics = evaluate()
+        model.train()
+        score = metrics[cfg.metric]
+        history.append(
+            {
+                "step": step,
+                "epoch": round(step / steps_per_epoch, 4),
+                **{f"eval_{k}": v for k, v in metrics.items()},
+            }
+        )
+        if log:
+            log({f"val_{k}": v for k, v in metrics.items()}, step)
+        if best is None or (score > best if cfg.higher_is_better else score < best):
+            best, best_step, bad_evals = score, step, 0
+            save_checkpoint(ckpt_best, model, None, {"step": step, "metric": cfg.metric, "value": score})
+        else:
+            bad_evals += 1
+        if bar is not None:
+            bar.write(f"[lmloop] step {step}: val {cfg.metric} {score:.4f} (best {best:.4f} @ {best_step})")
+        return bool(cfg.patience and bad_evals >= cfg.patience)
 
     use_bf16 = cfg.precision == "bf16"
     bar = None
@@ -391,10 +465,33 @@ def train_loop(
             lengths, cfg.batch_size, seed=cfg.seed, epoch=epoch, window=cfg.window
         )
         for idx in batches[step - epoch * steps_per_epoch :]:
-            batch = make_batch(idx)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-                loss = loss_fn(model, batch)
-            loss.backward()
+            if ws == 1:
+                batch = make_batch(idx)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+                    loss = loss_fn(model, batch)
+                loss.backward()
+                loss_v, n_tokens = float(loss.detach()), int(batch.get("_tokens", 0))
+            else:
+                # The global batch idx (B,) is split into W contiguous shards of n_r examples (sizes differ
+                # by at most one; a shard is empty when B < W). loss_fn gives the shard mean
+                # m_r = (1/n_r) sum_{i in r} l_i, and DDP's all-reduce averages gradients over ranks:
+                # g = (1/W) sum_r grad(L_r). With L_r = m_r * n_r * W / B this is
+                # g = (1/B) sum_r sum_{i in r} grad l_i, the gradient of the 1-process mean over the same
+                # B examples, also when the last batch of an epoch is short or shards are uneven.
+                # (A loss averaged over a varying number of targets per example, as MLM's masked tokens,
+                # is then weighted per example across shards rather than per target: close, not equal.)
+                shard = np.array_split(idx, ws)[rank]  # (n_r,)
+                batch = make_batch(shard) if len(shard) else None
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+                    loss = fwd(batch) * (len(shard) * ws / len(idx))
+                loss.backward()
+                # the logged loss is the global-batch mean: (1/B) sum_r n_r m_r = (1/W) sum_r L_r
+                red = torch.tensor(
+                    [float(loss.detach()), float(batch.get("_tokens", 0) if batch else 0)],
+                    dtype=torch.float64,
+                )
+                dist.all_reduce_sum(red)
+                loss_v, n_tokens = float(red[0]) / ws, int(red[1])
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             optimizer.step()
@@ -402,15 +499,14 @@ def train_loop(
             optimizer.zero_grad(set_to_none=True)
             step += 1
             examples += len(idx)
-            tokens += int(batch.get("_tokens", 0))
-            loss_v = float(loss.detach())
+            tokens += n_tokens
             rec = {
                 "step": step,
                 "epoch": round(step / steps_per_epoch, 4),
                 "loss": loss_v,
                 "lr": optimizer.param_groups[0]["lr"],
             }
-            if step % 10 == 0 or step == 1:
+            if main and (step % 10 == 0 or step == 1):
                 history.append(rec)
                 if log:
                     log({"train_loss": loss_v, "lr": rec["lr"]}, step)
@@ -422,31 +518,17 @@ def train_loop(
                 )
             last_step = step >= total
             if evaluate is not None and (step % eval_every == 0 or last_step):
-                metrics = evaluate()
-                model.train()
-                score = metrics[cfg.metric]
-                history.append(
-                    {"step": step, "epoch": rec["epoch"], **{f"eval_{k}": v for k, v in metrics.items()}}
-                )
-                if log:
-                    log({f"val_{k}": v for k, v in metrics.items()}, step)
-                improved = best is None or (score > best if cfg.higher_is_better else score < best)
-                if improved:
-                    best, best_step, bad_evals = score, step, 0
-                    save_checkpoint(
-                        ckpt_best, model, None, {"step": step, "metric": cfg.metric, "value": score}
-                    )
-                else:
-                    bad_evals += 1
-                if bar is not None:
-                    bar.write(
-                        f"[lmloop] step {step}: val {cfg.metric} {score:.4f} (best {best:.4f} @ {best_step})"
-                    )
-                if cfg.patience and bad_evals >= cfg.patience:
-                    stopped = True
-                save_checkpoint(ckpt_last, model, optimizer, state(stopped))
+                if main:
+                    stopped = _evaluate_and_keep_best()
+                # every rank must leave the loop at the same step, or the others hang in the next all-reduce
+                stopped = dist.broadcast_object(stopped)
+                if main:
+                    save_checkpoint(ckpt_last, model, optimizer, state(stopped))
+                dist.barrier()  # no rank runs ahead of a half-written checkpoint
             elif cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                save_checkpoint(ckpt_last, model, optimizer, state())
+                if main:
+                    save_checkpoint(ckpt_last, model, optimizer, state())
+                dist.barrier()
             if stopped or last_step:
                 break
     if bar is not None:
