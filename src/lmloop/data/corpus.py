@@ -24,7 +24,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import unicodedata
 import warnings
 from collections.abc import Iterable, Iterator
@@ -34,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from lmloop.data._util import DataWarning, data_error, decode_utf8
-from lmloop.fsutil import fsync_dir
+from lmloop.fsutil import atomic_write
 
 DOC_MODES = ("file", "paragraph", "line")
 TEXT_SUFFIXES = (".txt", ".md", ".text")
@@ -507,25 +506,8 @@ def write_packed(
             raise ValueError(f"token id {hi} is outside the vocabulary (size {vocab_size})")
         vocab_size = hi + 1 if vocab_size is None else vocab_size
     arr = arr.astype(packed_dtype(vocab_size or 1))
-    _atomic_save(path, arr)
+    atomic_write(path, lambda fh: np.save(fh, arr, allow_pickle=False))
     return path
-
-
-def _atomic_save(path: Path, arr: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, arr, allow_pickle=False)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
 
 
 def load_packed(path: str | os.PathLike) -> np.memmap:
