@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -122,3 +123,18 @@ def sort_labels(labels) -> list[str]:
 def _is_int(text: str) -> bool:
     t = text[1:] if text[:1] in "+-" else text
     return t.isdigit() and t.isascii()
+
+
+def parse_json_line(line: str, path: str | os.PathLike, lineno: int):
+    """One JSON Lines record (any JSON value); a syntax error names the file, the line and the column.
+
+    Shared by every JSONL reader: training data, batch prediction and pretraining corpora."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise data_error(
+            f"malformed JSON: {e.msg}; each line must hold one complete JSON object",
+            path=path,
+            line=lineno,
+            column=e.colno,
+        ) from None

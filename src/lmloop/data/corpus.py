@@ -21,7 +21,6 @@ import contextlib
 import difflib
 import gzip
 import hashlib
-import json
 import os
 import re
 import unicodedata
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lmloop.data._util import DataWarning, data_error, decode_utf8
+from lmloop.data._util import DataWarning, data_error, decode_utf8, parse_json_line
 from lmloop.fsutil import atomic_write
 
 DOC_MODES = ("file", "paragraph", "line")
@@ -264,15 +263,7 @@ def _read_jsonl(p: Path, column: str) -> Iterator[Document]:
     for no, line in _iter_lines(p):
         if not line.strip():
             continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise data_error(
-                f"malformed JSON: {e.msg}; each line must hold one complete JSON object",
-                path=p,
-                line=no,
-                column=e.colno,
-            ) from None
+        obj = parse_json_line(line, p, no)
         if not isinstance(obj, dict):
             raise data_error(f"expected a JSON object, found {type(obj).__name__}", path=p, line=no)
         if column not in obj:

@@ -22,7 +22,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from lmloop.data._util import DataWarning, data_error, is_missing, label_to_str, normalise_split, read_utf8
+from lmloop.data._util import (
+    DataWarning,
+    data_error,
+    is_missing,
+    label_to_str,
+    normalise_split,
+    parse_json_line,
+    read_utf8,
+)
 
 FORMATS = ("csv", "tsv", "jsonl", "parquet", "hf", "folder")
 _SUFFIX_FORMATS = {
@@ -182,16 +190,7 @@ def _read_json(p: Path) -> _Table:
         for i, line in enumerate(text.split("\n"), 1):
             if not line.strip():
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise data_error(
-                    f"malformed JSON: {e.msg}; each line must hold one complete JSON object",
-                    path=p,
-                    line=i,
-                    column=e.colno,
-                ) from None
-            objs.append(obj)
+            objs.append(parse_json_line(line, p, i))
             rows.append(i)
     table = _Table(p, "line", rows=rows)
     for obj, row in zip(objs, rows, strict=True):

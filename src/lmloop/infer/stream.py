@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lmloop.data._util import DataWarning, is_missing
+from lmloop.data._util import DataWarning, is_missing, parse_json_line
 from lmloop.errors import ConfigError, DataError
 from lmloop.fsutil import fsync_dir
 
@@ -323,15 +323,7 @@ def _read_jsonl(p: Path, text_column: str, id_column: str, chunk_rows: int):
             text = _decode_line(raw, p, lineno)
             if not text.strip():
                 continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise DataError(
-                    f"malformed JSON: {e.msg}; each line must hold one complete JSON object",
-                    path=p,
-                    line=lineno,
-                    column=e.colno,
-                ) from None
+            obj = parse_json_line(text, p, lineno)
             if not isinstance(obj, dict):
                 raise DataError(
                     "expected a JSON object ({...}) on each line, found "
