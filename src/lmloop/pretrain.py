@@ -642,12 +642,15 @@ def _compare(est: dict, result, step_seconds: float) -> dict:
     """The ``lmloop estimate`` prediction for this run next to what it measured (ratio = measured/predicted,
     on training-step time: the estimate times training steps only, evaluation passes are extra)."""
     wall = est.get("wall") or {}
-    predicted = wall.get("seconds")
+    # the ratio is computed from the recorded (rounded) seconds, so the three figures always agree;
+    # 3 decimals because test-sized runs take a fraction of a second
+    predicted = round(wall["seconds"], 3) if wall.get("seconds") else None
+    measured = round(step_seconds, 3)
     out = {
-        "predicted_seconds": round(predicted, 2) if predicted else None,
-        "measured_seconds": round(step_seconds, 2),
-        "measured_seconds_with_eval": round(result.train_seconds, 2),
-        "ratio": round(step_seconds / predicted, 3) if predicted else None,
+        "predicted_seconds": predicted,
+        "measured_seconds": measured,
+        "measured_seconds_with_eval": round(result.train_seconds, 3),
+        "ratio": round(measured / predicted, 3) if predicted else None,
         "predicted_tokens_per_s": round(wall["train_tokens_per_s"], 1) if wall else None,
         "measured_tokens_per_s": round(result.tokens_seen / max(step_seconds, 1e-9), 1),
         "tokens": est.get("tokens"),
