@@ -95,6 +95,7 @@ def probe_loss(model, blocks) -> float:
 def run_lmloop(preset, tok, blocks, *, warmup: int, steps: int, seed: int, tmp: Path) -> dict:
     import torch
 
+    from lmloop.losses import lm_loss
     from lmloop.train import LoopConfig, train_loop
 
     model = new_model(preset, tok, blocks.shape[1], seed)
@@ -109,8 +110,8 @@ def run_lmloop(preset, tok, blocks, *, warmup: int, steps: int, seed: int, tmp: 
         ids = torch.from_numpy(np.asarray(blocks[np.asarray(idx)], dtype=np.int64))  # (B, T)
         return {"input_ids": ids, "labels": ids, "_tokens": int(ids.numel())}
 
-    def loss_fn(m, b):
-        return m(input_ids=b["input_ids"], labels=b["labels"]).loss
+    def loss_fn(m, b):  # run_pretrain's loss: lmloop.losses.lm_loss (chunked fused head for LLaMA)
+        return lm_loss(m, b["input_ids"], b["labels"], "clm")
 
     cfg = LoopConfig(
         epochs=1.0,

@@ -172,6 +172,7 @@ def memory(
     n_params: int | None = None,
     optimizer: str = "adamw",
     precision: str = "fp32",
+    objective: str | None = None,
 ) -> dict[str, Any]:
     """Training memory in bytes: weights + grads + optimizer state + activations, with a breakdown.
 
@@ -180,7 +181,10 @@ def memory(
     momentum). Activations per layer, in elements (Korthikanti et al. 2022 re-done for dropout 0):
     ``B T (8 d + 2 f) + a B T^2`` (GELU MLP) or ``B T (8 d + 4 f) + a B T^2`` (SwiGLU), times 4 bytes
     for fp32 or 2 for bf16; plus the embedding output (B T d) and fp32 logits with the loss's
-    log-softmax (2 B T V x 4 bytes). An estimate (+-30%): allocator slack and temporaries are not in it.
+    log-softmax (2 B T V x 4 bytes). With ``objective`` given and a head :mod:`lmloop.losses` fuses
+    (LLaMA-family CLM, BERT MLM) the logits term is instead the gradient of the hidden states it keeps
+    (B T d x 4) plus the head's fp32 weight gradient (V d x 4); its few-MB logits chunk is left out.
+    An estimate (+-30%): allocator slack and temporaries are not in it.
     """
     if optimizer not in ("adamw", "sgd"):
         raise ConfigError(f"optimizer '{optimizer}': expected adamw or sgd")
@@ -198,6 +202,11 @@ def memory(
     layers = L * per_layer
     embed = B * T * h * ab
     logits = 2 * B * T * V * 4  # HF upcasts logits to fp32 for the loss
+    if objective is not None:
+        from lmloop.losses import fused_head_for_config
+
+        if fused_head_for_config(config, objective) != "stock":
+            logits = B * T * h * 4 + V * h * 4  # grad of h (all positions: an upper bound for MLM) + grad W
     out = {
         "weights": 4 * n_params,
         "grads": 4 * n_params,
@@ -292,6 +301,7 @@ def _measure(
     """Time training steps (forward + backward + fused AdamW, fp32) and forward-only inference."""
     import torch
 
+    from lmloop.losses import fused_head, lm_loss
     from lmloop.train import build_optimizer
 
     V = model.config.vocab_size
@@ -307,8 +317,10 @@ def _measure(
     model.train()
     opt = build_optimizer(model, lr=1e-4, weight_decay=0.01)
 
-    def train_step():
-        loss = model(input_ids=ids, labels=labels).loss
+    kernel = fused_head(model, objective)
+
+    def train_step():  # the loss run_pretrain computes
+        loss = lm_loss(model, ids, labels, objective, mode=kernel)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -353,7 +365,11 @@ def calibrate(
     """
     if objective is None:
         objective = "clm" if type(model).__name__.endswith("ForCausalLM") else "mlm"
-    key = f"{_machine_key()}|{config_hash(model.config)}|{objective}|b{batch}|t{seq_len}"
+    from lmloop.losses import fused_head
+
+    # the loss kernel is in the key: a timing of the stock head must not predict the fused one
+    kernel = fused_head(model, objective)
+    key = f"{_machine_key()}|{config_hash(model.config)}|{objective}|{kernel}|b{batch}|t{seq_len}"
     if not recalibrate:
         hit = _read_cache().get(key)
         if hit:
@@ -464,7 +480,9 @@ def estimate(
     L, T, h, V = dims["layers"], seq_len, dims["hidden"], dims["vocab"]
     flops = training_flops(params["non_embedding"], tokens, L, T, h, vocab_size=V)
     inf_per_token = inference_flops_per_token(params["non_embedding"], L, T, h, vocab_size=V)
-    mem = memory(config, batch_size, seq_len, n_params=params["total"], precision=precision)
+    mem = memory(
+        config, batch_size, seq_len, n_params=params["total"], precision=precision, objective=objective
+    )
     optimal = compute_optimal_tokens(params["total"])
     out: dict[str, Any] = {
         "model": name,

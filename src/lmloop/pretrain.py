@@ -292,6 +292,7 @@ def run_pretrain(
 
     from lmloop import dist
     from lmloop.estimate import estimate, parse_count
+    from lmloop.losses import fused_head, lm_loss
     from lmloop.mlops.tracking import Tracker
     from lmloop.presets import build_config, build_model, default_objective, get_preset
     from lmloop.train import LoopConfig, check_out_dir, pick_precision, set_seed, train_loop
@@ -443,9 +444,12 @@ def run_pretrain(
             inputs, labels = ids, ids  # the model shifts labels inside its loss
         return {"input_ids": inputs, "labels": labels, "_tokens": int(ids.numel())}
 
+    # the model's own loss without materialising (tokens x vocab) logits where the head allows it
+    loss_kernel = fused_head(model, objective)
+
     def loss_fn(m, b):
         # no attention mask: a packed block is all real tokens (see the module docstring)
-        return m(input_ids=b["input_ids"], labels=b["labels"]).loss
+        return lm_loss(m, b["input_ids"], b["labels"], objective, mode=loss_kernel)
 
     val_ids = torch.from_numpy(np.asarray(val_arr[: pc.eval_blocks], dtype=np.int64))  # (N, T)
     if collator is not None:  # one fixed masking: every evaluation scores the same positions
@@ -466,7 +470,7 @@ def run_pretrain(
                 n = int((y[:, 1:] != -100).sum()) if collator is None else int((y != -100).sum())
                 if n == 0:
                     continue
-                loss_sum += float(model(input_ids=x, labels=y).loss) * n
+                loss_sum += float(lm_loss(model, x, y, objective, mode=loss_kernel)) * n
                 n_sum += n
         loss = loss_sum / max(n_sum, 1)
         if collator is None and pc.sample_tokens:
@@ -573,6 +577,7 @@ def run_pretrain(
             "best_val_loss": result.best_metric,
             "stopped_early": result.stopped_early,
             "precision": precision,
+            "loss_kernel": loss_kernel,  # fused-clm / fused-mlm (lmloop.losses) or stock
             "n_params": n_params,
         }
         metrics: dict[str, Any] = {
