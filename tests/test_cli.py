@@ -11,7 +11,20 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-VERBS = ["assets", "data", "finetune", "evaluate", "predict", "export", "serve", "estimate", "run", "recipe"]
+VERBS = [
+    "assets",
+    "data",
+    "finetune",
+    "evaluate",
+    "predict",
+    "export",
+    "serve",
+    "estimate",
+    "pretrain",
+    "scaling",
+    "run",
+    "recipe",
+]
 
 
 def test_help_lists_the_verbs(run_lmloop):

@@ -15,6 +15,7 @@ This module imports nothing heavy at the top: ``describe_presets`` feeds ``--hel
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass
 
 from lmloop.errors import ConfigError
@@ -58,13 +59,57 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+# ``gpt-LxD`` / ``bert-LxD``: any shape, for scaling ladders (``lmloop scaling``) and quick experiments
+SHAPE_RE = re.compile(r"(gpt|bert)-(\d+)x(\d+)")
+SHAPE_HELP = (
+    "gpt-LxD / bert-LxD: L layers of width D (D a multiple of 8, at least 16), about 32-wide heads "
+    "(the most heads h <= D/32 with an even D/h), FFN 4 x D"
+)
+
+
+def shape_preset(layers: int, hidden: int, family: str = "gpt") -> Preset:
+    """A preset of any shape: ``layers`` x ``hidden``, FFN ``4 * hidden``, heads about 32 wide.
+
+    Heads: the largest h <= max(1, hidden // 32) that divides ``hidden`` into an even head size (RoPE
+    rotates pairs of dimensions). FFN 4 x D for both families keeps the rule one line; for the LLaMA
+    SwiGLU MLP that is 12 D^2 weights per layer, a little more than LLaMA's own 8 D^2 (8/3 D wide).
+    ``family`` 'gpt' is a LLaMA decoder (clm), 'bert' a BERT encoder (mlm), like the named presets.
+    """
+    name = f"{family}-{layers}x{hidden}"
+    if family not in ("gpt", "bert"):
+        raise ConfigError(f"shape '{name}': the family must be gpt (decoder) or bert (encoder)")
+    if not 1 <= layers <= 64:
+        raise ConfigError(f"shape '{name}': {layers} layers, expected 1 to 64")
+    if hidden < 16 or hidden % 8 or hidden > 8192:
+        raise ConfigError(f"shape '{name}': width {hidden}, expected a multiple of 8 from 16 to 8192")
+    heads = next(h for h in range(max(1, hidden // 32), 0, -1) if hidden % h == 0 and (hidden // h) % 2 == 0)
+    encoder = family == "bert"
+    return Preset(
+        name,
+        "mlm" if encoder else "clm",
+        "encoder" if encoder else "decoder",
+        layers,
+        hidden,
+        heads,
+        4 * hidden,
+        512 if encoder else 1024,
+        f"{layers} x {hidden}, shape spec",
+    )
+
+
 def get_preset(name: str) -> Preset:
-    """The preset called ``name``; a :class:`ConfigError` naming the presets (and the closest) otherwise."""
+    """The preset called ``name``, or a ``gpt-LxD`` / ``bert-LxD`` shape (:func:`shape_preset`); a
+    :class:`ConfigError` naming the presets (and the closest) otherwise."""
     if name in PRESETS:
         return PRESETS[name]
+    m = SHAPE_RE.fullmatch(name)
+    if m:
+        return shape_preset(int(m.group(2)), int(m.group(3)), m.group(1))
     close = difflib.get_close_matches(name, list(PRESETS), n=1)
     hint = f" Did you mean '{close[0]}'?" if close else ""
-    raise ConfigError(f"unknown preset '{name}'; presets: {', '.join(PRESETS)}.{hint}")
+    raise ConfigError(
+        f"unknown preset '{name}'; presets: {', '.join(PRESETS)}, or a shape like gpt-2x96 / bert-4x128.{hint}"
+    )
 
 
 def build_config(preset_name: str, vocab_size: int = 8192, seq_len: int = 128):
@@ -167,4 +212,5 @@ def describe_presets() -> str:
     for p in PRESETS.values():
         shape = f"{p.layers} layers x {p.hidden}, {p.heads} heads, FFN {p.ffn}"
         lines.append(f"  {p.name:11s} {p.objective}  {p.kind:7s}  {shape:36s} {p.doc}")
+    lines.append(f"  or a shape {SHAPE_HELP}")
     return "\n".join(lines)
