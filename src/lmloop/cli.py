@@ -19,23 +19,28 @@ verbs (the stage each serves):
   data       data      load, validate, de-duplicate, split and fingerprint a data set; write its card
   estimate   pretrain  what pretraining a model costs: params, FLOPs, memory, tokens, measured wall time
   pretrain   pretrain  pretrain a masked/causal LM on a text corpus, from a preset or continuing a model
+  scaling    pretrain  train a ladder of sizes, fit L(N) = a N^-alpha + c, predict the next size, check it
   finetune   finetune  fine-tune a classifier on a file or built-in data set (default model: minilm-l6)
   evaluate   evaluate  metrics, calibration and an HTML report for a model on labelled data
   predict    infer     label a file of texts of any size (backends: torch, int8, ONNX; auto = measured)
   export     serve     export a classifier to ONNX (int8 optional), refused unless parity holds
   serve      serve     HTTP server: /v1/classify, /v1/feedback, /metrics; logs every prediction
+  registry   mlops     model versions, aliases (champion), promote / rollback with an audit log, diff
   run        all       run a recipe (finetune or `task: pretrain`) and record it in MLflow
   recipe     all       every recipe key with its type, default and meaning
 
 examples:
   lmloop estimate --preset gpt-tiny --tokens 10M
   lmloop pretrain --objective clm --preset gpt-tiny --corpus shakespeare --tokens 2M --out runs/gpt
+  lmloop scaling --sizes 2x64,2x96,3x128,4x160 --predict 4x240 --tokens 500k --out runs/scaling
   lmloop finetune --data vader-sentiment --out runs/vader
   lmloop finetune --data reviews.csv --text-column body --label-column stars --epochs 2 --out runs/reviews
   lmloop evaluate --model runs/vader --data vader-sentiment
   lmloop run recipes/sentiment.yaml
   lmloop predict --model runs/vader --input texts.csv --output labels.parquet
   lmloop serve --model runs/vader --port 8000
+  lmloop registry register --model runs/vader --name sentiment && lmloop registry list
+  lmloop serve --model models:/sentiment@champion
   mlflow ui --backend-store-uri sqlite:///$HOME/.cache/lmloop/mlflow.db
 
 environment: LMLOOP_HOME (cache, default ~/.cache/lmloop), MLFLOW_TRACKING_URI (tracking store),
@@ -152,6 +157,8 @@ def _recipe_from_flags(a: argparse.Namespace):
         "train": train,
         "tracking": {"enabled": not a.no_track, **({"experiment": a.experiment} if a.experiment else {})},
     }
+    if a.register:
+        d["tracking"]["register"] = a.register
     return recipe_from_dict(d, source="command line")
 
 
@@ -272,6 +279,40 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_scaling(a: argparse.Namespace) -> int:
+    from lmloop.scaling import Ladder, format_table, run_scaling
+
+    ladder = Ladder(
+        out=a.out,
+        sizes=a.sizes.split(","),
+        predict=a.predict,
+        corpus=list(a.corpus),
+        objective=a.objective,
+        tokens=a.tokens,
+        seq_len=a.seq_len,
+        batch_size=a.batch_size,
+        lr=a.lr,
+        seed=a.seed,
+        vocab_size=a.vocab_size,
+        eval_every=a.eval_every,
+        eval_blocks=a.eval_blocks,
+        verify=not a.no_verify,
+        track=not a.no_track,
+        experiment=a.experiment,
+    )
+    try:
+        record = run_scaling(ladder, force=a.force, progress=not a.quiet)
+    except KeyboardInterrupt:
+        print(
+            "lmloop scaling: interrupted; run the same command again to continue the ladder", file=sys.stderr
+        )
+        return 130
+    print("\n" + format_table(record))
+    out = Path(a.out)
+    print(f"\nplot: {out / 'scaling.png'}   report: {out / 'report.html'}   record: {out / 'scaling.json'}")
+    return 0
+
+
 def cmd_run(a: argparse.Namespace) -> int:
     from lmloop.config import load_recipe
 
@@ -333,6 +374,10 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
             field=a.label_column,
         )
     metrics = evaluate_split(pred, frame, pred.labels)
+    if a.out is None and str(a.model).startswith("models:/"):  # not a folder: write beside the download
+        from lmloop.assets import resolve_model
+
+        a.out = str(Path(resolve_model(a.model)) / "eval")
     out = Path(a.out or Path(a.model) / "eval")
     write_metrics_json(metrics, out / "metrics.json")
     report = write_report(
@@ -476,6 +521,52 @@ def cmd_recipe(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_registry(a: argparse.Namespace) -> int:
+    from lmloop.mlops import registry as r
+
+    reg = r.Registry()
+    act = a.action or "list"
+    if act == "list":
+        versions = reg.list(getattr(a, "name", None), data=getattr(a, "data", None))
+        print(r.to_json(versions) if a.json else r.format_versions(versions))
+    elif act == "show":
+        v = reg.show(a.name, a.ref)
+        print(r.to_json(v) if a.json else r.format_version(v))
+    elif act == "register":
+        v = reg.register(a.model, a.name, parent=a.parent, reason=a.reason or "")
+        if a.json:
+            print(r.to_json(v))
+        else:
+            state = "already registered as" if v.existing else "registered as"
+            print(f"{a.model}: {state} {v.name} v{v.version}  ({v.uri})")
+            print(f"promote it:  lmloop registry promote {v.name} {v.version} --reason TEXT")
+    elif act in ("promote", "rollback"):
+        if act == "promote":
+            try:
+                gates = json.loads(a.gates) if a.gates else None
+            except ValueError as e:
+                from lmloop.errors import ConfigError
+
+                raise ConfigError(f"--gates: not JSON ({e}); e.g. --gates '{{\"accuracy\": true}}'") from None
+            change = reg.promote(a.name, a.version, a.alias, reason=a.reason, gates=gates, actor=a.actor)
+        else:
+            change = reg.rollback(a.name, a.alias, reason=a.reason, actor=a.actor)
+        if change is None:
+            print(f"{a.name}@{a.alias} already points at version {a.version}; nothing changed")
+        elif a.json:
+            print(r.to_json(change))
+        else:
+            frm = "(unset)" if change.from_version is None else f"v{change.from_version}"
+            print(f"{a.name}@{change.alias}: {frm} -> v{change.to_version}  (audit #{change.seq})")
+    elif act == "diff":
+        d = reg.diff(a.name, a.a, a.b)
+        print(r.to_json(d) if a.json else r.format_diff(d))
+    elif act == "audit":
+        records = reg.audit(a.name)
+        print(r.to_json(records) if a.json else r.format_audit(records))
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ parser
 
 
@@ -549,6 +640,11 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         help="keep the word-embedding matrix fixed (default: yes; 6%% faster, same accuracy in our benchmark)",
     )
+    g.add_argument(
+        "--register",
+        metavar="NAME",
+        help="register the finished model as a new version of NAME in the model registry (lmloop registry)",
+    )
     _add_run_args(s)
     s.set_defaults(fn=cmd_finetune)
 
@@ -610,6 +706,83 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", metavar="DIR", help="output directory")
     _add_run_args(s)
     s.set_defaults(fn=cmd_pretrain)
+
+    from lmloop.scaling import DEFAULT_SIZES, DEFAULT_TOKENS
+
+    s = sub.add_parser(
+        "scaling",
+        help="scaling-law ladder: train sizes, fit L(N), predict the next size, train it, compare",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train a ladder of model sizes on the same data and token budget, fit Kaplan et al.'s\n"
+        "L(N) = a N^-alpha + c (N = non-embedding parameters), predict the loss of the next size up, then\n"
+        "train that size too and report predicted vs measured. Every size is an ordinary `lmloop pretrain`\n"
+        "run in OUT/runs/<size>; the corpus and tokenizer are prepared once (OUT/data) and shared.\n"
+        "A finished size is reused and a checkpointed one resumed: re-running the command continues an\n"
+        "interrupted ladder, and adding a size to --sizes trains only that one.\n\n"
+        f"  lmloop scaling --out runs/scaling        (default ladder {DEFAULT_SIZES}, {DEFAULT_TOKENS} "
+        "tokens each;\n                                            about 10 minutes on a 2-core CPU)\n"
+        "  lmloop scaling --sizes 2x64,2x96,3x128,4x160 --predict 4x240 --tokens 1M --out runs/scaling\n"
+        "  lmloop scaling --objective mlm --sizes bert-tiny,4x192,bert-mini --no-verify --out runs/mlm\n\n"
+        "Sizes: named presets (below) or shapes LxD: L layers of width D (a LLaMA decoder for clm, a BERT\n"
+        "encoder for mlm; heads about 32 wide, FFN 4 x D). With 3 sizes the law fits them exactly (no error\n"
+        "bar); with 4 or more the prediction gets a 1-sigma band (delta method on the fit covariance).\n\n"
+        "Writes OUT/scaling.json (points, a/alpha/c with standard errors, prediction, measured),\n"
+        "OUT/scaling.png and OUT/report.html.\n\n"
+        "presets:\n" + describe_presets(),
+    )
+    g = s.add_argument_group("ladder")
+    g.add_argument(
+        "--sizes",
+        default=DEFAULT_SIZES,
+        metavar="A,B,C",
+        help=f"at least 3 sizes, comma-separated: presets or LxD shapes (default {DEFAULT_SIZES})",
+    )
+    g.add_argument(
+        "--predict",
+        metavar="SIZE",
+        help="the size to predict, then train (default: the largest size with sqrt(2) x its width, "
+        "about 2 x N)",
+    )
+    g.add_argument(
+        "--tokens",
+        default=DEFAULT_TOKENS,
+        metavar="N",
+        help=f"training tokens per size, the same for all: 300k, 2M (default {DEFAULT_TOKENS})",
+    )
+    g.add_argument("--no-verify", action="store_true", help="fit and predict only; do not train --predict")
+    g.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    g = s.add_argument_group("data and training (the same for every size)")
+    g.add_argument(
+        "--corpus",
+        nargs="+",
+        default=["shakespeare"],
+        metavar="PATH",
+        help="text/JSONL/Parquet files or folders, or 'shakespeare' (default)",
+    )
+    g.add_argument("--objective", choices=["clm", "mlm"], default="clm", help="default clm")
+    g.add_argument(
+        "--vocab-size",
+        type=int,
+        default=2048,
+        help="vocabulary of the shared trained tokenizer (default 2048: at these widths a larger one "
+        "spends the budget on the embedding, which N does not count)",
+    )
+    g.add_argument("--seq-len", type=int, default=128, help="tokens per packed block (default 128)")
+    g.add_argument("--batch-size", type=int, default=16, help="blocks per step (default 16)")
+    g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
+    g.add_argument(
+        "--seed", type=int, default=42, help="seed of the split, init and batch order (default 42)"
+    )
+    g.add_argument(
+        "--eval-every", type=int, default=100, help="steps between validation passes (default 100)"
+    )
+    g.add_argument("--eval-blocks", type=int, default=256, help="validation blocks scored (default 256)")
+    g = s.add_argument_group("run")
+    g.add_argument("--experiment", help="MLflow experiment (default lmloop)")
+    g.add_argument("--no-track", action="store_true", help="do not record the runs in MLflow")
+    g.add_argument("--force", action="store_true", help="discard OUT's ladder and train every size again")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(fn=cmd_scaling)
 
     s = sub.add_parser(
         "run",
@@ -791,6 +964,78 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--recalibrate", action="store_true", help="measure again instead of using the cache")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_estimate)
+
+    s = sub.add_parser(
+        "registry",
+        help="model registry: versions, aliases, promote / rollback with an audit log",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="The MLflow Model Registry in the tracking store ($MLFLOW_TRACKING_URI, else\n"
+        "sqlite $LMLOOP_HOME/mlflow.db; an `mlflow server` URL shares it between machines).\n"
+        "A version is a fine-tuned model directory with its metrics, data fingerprints, base model and\n"
+        "parent; an alias (champion, challenger, ...) points at one version, and every move is audited:\n"
+        "who, when, from which version to which, why, and the gate results.\n\n"
+        "  lmloop registry register --model runs/vader --name sentiment --reason 'first model'\n"
+        "  lmloop finetune --data vader-sentiment --out runs/vader2 --register sentiment\n"
+        "  lmloop registry list                       every model and version\n"
+        "  lmloop registry promote sentiment 1 --reason 'baseline'\n"
+        "  lmloop registry promote sentiment 2 --reason 'better on tweets'\n"
+        "  lmloop registry diff sentiment 1 2          metric deltas, changed data / base model / recipe\n"
+        "  lmloop registry rollback sentiment --reason 'complaints'   champion back to v1\n"
+        "  lmloop registry audit sentiment\n"
+        "  lmloop registry show sentiment champion\n"
+        "  lmloop predict --model models:/sentiment@champion --input texts.csv --output labels.csv\n"
+        "  lmloop serve --model models:/sentiment/2\n\n"
+        "models:/NAME@ALIAS and models:/NAME/VERSION work wherever a model is expected (predict, evaluate,\n"
+        "serve, export, lmloop.load); the version is downloaded once into $LMLOOP_HOME/registry/NAME/VERSION.",
+    )
+    s.set_defaults(fn=cmd_registry, action=None, json=False)
+    rs = s.add_subparsers(dest="action", metavar="ACTION")
+
+    def _reg(name: str, help: str, example: str) -> argparse.ArgumentParser:
+        q = rs.add_parser(name, help=help, description=f"{help}.\n\n  {example}")
+        q.formatter_class = argparse.RawDescriptionHelpFormatter
+        q.add_argument("--json", action="store_true", help="print JSON instead of a table")
+        return q
+
+    q = _reg("list", "list versions with aliases, test metrics and data", "lmloop registry list sentiment")
+    q.add_argument("name", nargs="?", help="one registered model (default: all)")
+    q.add_argument(
+        "--data", metavar="FINGERPRINT", help="only versions trained on data with this fingerprint"
+    )
+    q = _reg("show", "one version: lineage (run, data, parent, base model) and metrics",
+             "lmloop registry show sentiment champion")  # fmt: skip
+    q.add_argument("name")
+    q.add_argument("ref", nargs="?", metavar="VERSION|ALIAS", help="default: champion, else the newest")
+    q = _reg("register", "register a fine-tuned model directory as a new version",
+             "lmloop registry register --model runs/vader --name sentiment --parent 1 --reason 'more data'")  # fmt: skip
+    q.add_argument("--model", required=True, metavar="DIR", help="a model directory (lmloop finetune --out)")
+    q.add_argument("--name", required=True, help="registered model name, e.g. sentiment")
+    q.add_argument("--parent", metavar="VERSION", help="the version this one was derived from")
+    q.add_argument("--reason", metavar="TEXT", help="why this version exists (its description)")
+    for verb, help_, ex in (
+        ("promote", "point an alias at a version (audited)", "lmloop registry promote sentiment 2 --reason 'ok'"),
+        ("rollback", "move an alias back to its previous version (audited)",
+         "lmloop registry rollback sentiment --reason 'regression in tweets'"),
+    ):  # fmt: skip
+        q = _reg(verb, help_, ex)
+        q.add_argument("name")
+        if verb == "promote":
+            q.add_argument("version", metavar="VERSION", help="version number (or an alias to copy)")
+            q.add_argument(
+                "--gates", metavar="JSON", help="gate results to record, e.g. '{\"accuracy\": true}'"
+            )
+        q.add_argument("--alias", default="champion", help="default champion")
+        q.add_argument("--reason", required=True, metavar="TEXT", help="why: goes into the audit log")
+        q.add_argument("--actor", metavar="WHO", help="who/what does this (default: $USER@hostname)")
+    q = _reg("diff", "compare two versions: metric deltas, changed data / base model / recipe",
+             "lmloop registry diff sentiment 1 champion")  # fmt: skip
+    q.add_argument("name")
+    q.add_argument("a", metavar="A", help="version or alias")
+    q.add_argument("b", metavar="B", help="version or alias")
+    q = _reg(
+        "audit", "every alias change: who, when, from, to, why, gates", "lmloop registry audit sentiment"
+    )
+    q.add_argument("name")
 
     s = sub.add_parser("recipe", help="list every recipe key, or --check recipe files")
     s.add_argument("--check", nargs="+", metavar="FILE", help="validate these recipe files")

@@ -181,6 +181,14 @@ class TrackingConfig:
     """MLflow experiment name."""
     enabled: bool = True
     """Set false to skip tracking entirely."""
+    register: str | None = None
+    """Register the finished model in the MLflow Model Registry under this name (`lmloop registry`)."""
+
+    def __post_init__(self) -> None:
+        import re
+
+        if self.register is not None and not re.fullmatch(r"[A-Za-z0-9][\w.\-]*", self.register):
+            raise ValueError("register must be a model name: letters, digits, '.', '_' and '-'")
 
 
 @dataclass

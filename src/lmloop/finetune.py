@@ -295,6 +295,12 @@ def run_recipe(
     except BaseException:
         tracker.end("KILLED" if sys.exc_info()[0] is KeyboardInterrupt else "FAILED")
         raise
+    if recipe.tracking.register:  # rank 0 only: the others returned above
+        from lmloop.mlops.registry import Registry
+
+        Registry(recipe.tracking.uri, say=_say).register(
+            out, recipe.tracking.register, reason=f"fine-tuned by recipe {recipe_path or recipe.name}"
+        )
     return metrics
 
 

@@ -56,7 +56,9 @@ def serve(
     path = Path(resolve_model(model))
     settings.api_key = api_key
     if not settings.model_name:
-        settings.model_name = path.name
+        # a registry URI downloads into registry/NAME/VERSION: report NAME-vVERSION, not the bare number
+        registry = str(model).startswith("models:/")
+        settings.model_name = f"{path.parent.name}-v{path.name}" if registry else path.name
     if not settings.model_version:
         settings.model_version = model_version(path)
     store = open_store(store_url)
