@@ -9,6 +9,7 @@ import math
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 WORDS = [
@@ -274,6 +275,16 @@ def test_continued_pretraining_then_finetune(cli, corpus, tmp_path, tiny_bert_co
     meta = json.loads((dapt / "pretrain.json").read_text())
     assert meta["base_model"] == str(base) and meta["head"]["tied_output_embeddings"]
     assert math.isfinite(json.loads((dapt / "metrics.json").read_text())["validation"]["loss"])
+    # MiniLM's tokenizer.json pads every text to 128: packing must not inherit that (it once packed ~80% [PAD])
+    tok = AutoTokenizer.from_pretrained(str(base))
+    blocks = np.load(dapt / "data" / "train.npy")
+    assert (blocks == tok.pad_token_id).mean() < 0.01
+    # BertForMaskedLM has no pooler; the base's trained pooler is kept for the classifier fine-tuned next
+    from safetensors import safe_open
+
+    with safe_open(dapt / "model.safetensors", "pt") as f, safe_open(base / "model.safetensors", "pt") as b:
+        assert torch.equal(f.get_tensor("bert.pooler.dense.weight"), b.get_tensor("pooler.dense.weight"))
+    assert meta["head"]["carried_over"] == ["bert.pooler.dense.bias", "bert.pooler.dense.weight"]
 
     clf = tmp_path / "clf"
     code, stdout, err = cli(

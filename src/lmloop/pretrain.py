@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -595,6 +596,12 @@ def run_pretrain(
         from lmloop.models import _quiet
 
         _quiet(lambda: model.save_pretrained(out, safe_serialization=True))
+        if load_info and load_info.get("unused"):
+            from lmloop.assets import resolve_model
+
+            load_info["carried_over"] = carry_over_weights(
+                Path(resolve_model(recipe.model.base)), out, load_info["unused"], model.base_model_prefix
+            )
         tok.save_pretrained(out)
         meta = {
             "task": "pretrain",
@@ -634,6 +641,40 @@ def run_pretrain(
         tracker.end("KILLED" if sys.exc_info()[0] is KeyboardInterrupt else "FAILED")
         raise
     return metrics
+
+
+def carry_over_weights(base: Path, out: Path, keys: list[str], prefix: str) -> list[str]:
+    """Copy weights the pretraining model has no place for (MiniLM's pooler: ``BertForMaskedLM`` has
+    none) from the base checkpoint into ``out/model.safetensors``, named as the saved model names its
+    own (``pooler.dense.weight`` -> ``bert.pooler.dense.weight``). Without this a classifier fine-tuned
+    from the continued model would start its pooler from random weights while one fine-tuned from the
+    base starts from the trained pooler: an unfair comparison nobody would see. Returns the keys
+    written; a sharded checkpoint on either side is left alone (empty list).
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    src, dst = base / "model.safetensors", out / "model.safetensors"
+    if not (src.is_file() and dst.is_file()):
+        return []
+    tensors = load_file(dst)
+    prefixed = bool(prefix) and any(k.startswith(prefix + ".") for k in tensors)
+    written = []
+    with safe_open(src, "pt") as f:
+        names = set(f.keys())
+        for k in keys:
+            if k not in names:
+                continue
+            name = f"{prefix}.{k}" if prefixed and not k.startswith(prefix + ".") else k
+            if name not in tensors:
+                tensors[name] = f.get_tensor(k)
+                written.append(name)
+    if written:
+        tmp = dst.with_suffix(".tmp")
+        save_file(tensors, tmp, metadata={"format": "pt"})
+        os.replace(tmp, dst)
+        _say(f"kept from {base.name} (unused by the {prefix or 'model'} LM head): {written}")
+    return written
 
 
 def load_checkpoint_weights(ckpt: Path, model) -> None:

@@ -14,6 +14,7 @@ The saved directory (``tokenizer.json``, ``tokenizer_config.json``) reloads with
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -142,8 +143,15 @@ def separator_ids(tokenizer) -> tuple[int | None, int | None]:
 
 def encode_documents(tokenizer, texts: Iterable[str], *, batch_size: int = 1000) -> Iterator[list[int]]:
     """Token ids of each text, without special tokens (:func:`pack` adds the separators), encoded in
-    batches through the Rust tokenizer."""
-    backend = tokenizer.backend_tokenizer
+    batches through the Rust tokenizer.
+
+    Padding and truncation are switched off on a copy of the backend: a tokenizer.json saved with fixed
+    padding (the packaged MiniLM's pads every text to 128) would otherwise pack mostly [PAD] and cut
+    long documents; the caller's tokenizer is left as it was.
+    """
+    backend = copy.deepcopy(tokenizer.backend_tokenizer)
+    backend.no_padding()
+    backend.no_truncation()
     batch: list[str] = []
     for text in texts:
         batch.append(text)
