@@ -134,6 +134,7 @@ def test_parse_count_rejects(bad):
 
 def test_calibration_is_measured_then_cached(monkeypatch, tmp_path):
     monkeypatch.setenv("LMLOOP_HOME", str(tmp_path))
+    monkeypatch.setattr(est, "_machine_busy", lambda: None)
     model = build_model(build_config("gpt-tiny", 256, 32), "clm")
     first = est.calibrate(model, 2, 16, steps=3, warmup=1, budget_s=1.0)
     assert not first["cached"]
@@ -151,6 +152,22 @@ def test_calibration_is_measured_then_cached(monkeypatch, tmp_path):
     # another shape is another key
     with pytest.raises(AssertionError, match="measured again"):
         est.calibrate(model, 4, 16)
+
+
+def test_calibration_on_a_busy_machine_is_not_cached(monkeypatch, tmp_path):
+    monkeypatch.setenv("LMLOOP_HOME", str(tmp_path))
+    monkeypatch.setattr(est, "_machine_busy", lambda: 4.2)
+    model = build_model(build_config("gpt-tiny", 256, 32), "clm")
+    first = est.calibrate(model, 2, 16, steps=3, warmup=1, budget_s=1.0)
+    assert first["contended_load"] == 4.2 and not first["cached"]
+    again = est.calibrate(model, 2, 16, steps=3, warmup=1, budget_s=1.0)
+    assert not again["cached"]  # measured again: a contended timing never becomes the cached answer
+
+    monkeypatch.undo()
+    monkeypatch.setattr(est.os, "getloadavg", lambda: (99.0, 0.0, 0.0))
+    assert est._machine_busy() == 99.0
+    monkeypatch.setattr(est.os, "getloadavg", lambda: (0.1, 0.0, 0.0))
+    assert est._machine_busy() is None
 
 
 def test_estimate_with_calibration_uses_the_measured_rate(monkeypatch, tmp_path):

@@ -374,9 +374,26 @@ def calibrate(
         hit = _read_cache().get(key)
         if hit:
             return {**hit, "cached": True, "key": key}
+    busy = _machine_busy()
     res = _measure(model, batch, seq_len, objective, steps, warmup, budget_s)
-    _write_cache(key, res)
+    if busy is None:
+        _write_cache(key, res)
+    else:  # other jobs shared the cores: good for this estimate at best, never for later ones
+        res["contended_load"] = busy
     return {**res, "cached": False, "key": key}
+
+
+def _machine_busy() -> float | None:
+    """The 1-minute load average when other work already fills the cores (load > CPU count), else None.
+
+    A calibration timed while another job runs can be several times slow (measured 2.6x: a MiniLM
+    calibration taken during a benchmark predicted 1631 s for a 622 s run) and must not be cached.
+    """
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # not on every platform
+        return None
+    return round(load, 2) if load > (os.cpu_count() or 1) else None
 
 
 def _measure_gemm(n: int = 1024, rounds: int = 5) -> float:
@@ -606,12 +623,14 @@ def format_estimate(d: dict[str, Any]) -> str:
     row(
         "  activations",
         _bytes(m["activations"]),
-        f"{_bytes(m['activations_per_layer'])}/layer, logits+loss {_bytes(m['activations_logits'])}",
+        f"{_bytes(m['activations_per_layer'])}/layer, LM head+loss {_bytes(m['activations_logits'])}",
     )
     w = d.get("wall")
     if w:
         cal = d["calibration"]
         how = "cached" if cal["cached"] else f"measured {cal['train_steps_timed']} steps"
+        if cal.get("contended_load"):
+            how += f"; machine busy, load {cal['contended_load']}: likely slow, not cached"
         row(
             "wall time",
             _duration(w["seconds"]),
