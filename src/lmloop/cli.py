@@ -26,6 +26,7 @@ verbs (the stage each serves):
   export     serve     export a classifier to ONNX (int8 optional), refused unless parity holds
   serve      serve     HTTP server: /v1/classify, /v1/feedback, /metrics; logs every prediction
   registry   mlops     model versions, aliases (champion), promote / rollback with an audit log, diff
+  monitor    mlops     traffic, latency, labels, confidence, live accuracy from the prediction log
   run        all       run a recipe (finetune or `task: pretrain`) and record it in MLflow
   recipe     all       every recipe key with its type, default and meaning
 
@@ -41,6 +42,7 @@ examples:
   lmloop serve --model runs/vader --port 8000
   lmloop registry register --model runs/vader --name sentiment && lmloop registry list
   lmloop serve --model models:/sentiment@champion
+  lmloop monitor report --since 7d --window 1d --out monitor.html
   mlflow ui --backend-store-uri sqlite:///$HOME/.cache/lmloop/mlflow.db
 
 environment: LMLOOP_HOME (cache, default ~/.cache/lmloop), MLFLOW_TRACKING_URI (tracking store),
@@ -567,6 +569,27 @@ def cmd_registry(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_monitor(a: argparse.Namespace) -> int:
+    from lmloop.mlops import monitor as m
+
+    # bare `lmloop monitor` is `lmloop monitor summary` with its defaults
+    opt = {k: getattr(a, k, None) for k in ("store", "since", "until", "model")}
+    summary = m.summarize(opt.pop("store"), window=getattr(a, "window", "1h"), **opt)
+    if a.action == "report":
+        out = m.write_report(summary, a.out)
+        if a.json:
+            print(json.dumps(summary.to_dict(), indent=2))
+            print(f"report: {out}", file=sys.stderr)
+            return 0
+        print(m.format_summary(summary, windows=False))
+        print(f"report: {out}")
+        return 0
+    print(
+        json.dumps(summary.to_dict(), indent=2) if a.json else m.format_summary(summary, windows=not a.totals)
+    )
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ parser
 
 
@@ -1036,6 +1059,53 @@ def build_parser() -> argparse.ArgumentParser:
         "audit", "every alias change: who, when, from, to, why, gates", "lmloop registry audit sentiment"
     )
     q.add_argument("name")
+
+    from lmloop.mlops.monitor import TIME_HELP
+
+    s = sub.add_parser(
+        "monitor",
+        help="traffic, latency, labels, confidence and live accuracy from the prediction log",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Read the prediction log that `lmloop serve` writes and summarise it per model version\n"
+        "and time window: predictions and requests, latency p50/p90/p99 (per request), predicted-label\n"
+        "shares, the confidence histogram, and live accuracy from user feedback with its Wilson 95%\n"
+        "interval, the feedback coverage (labelled / predicted) and macro-F1 (from 30 labels). Windows\n"
+        "align to UTC; a prediction counts in the window it was made, so recent windows have less feedback.\n\n"
+        "  lmloop monitor summary                                 the default log, all time, 1h windows\n"
+        "  lmloop monitor summary --since 24h --totals            one row per model version\n"
+        "  lmloop monitor report --since 7d --window 1d --out monitor.html   self-contained HTML, plots\n"
+        "  lmloop monitor summary --store postgresql://u@db/preds --model sentiment --json\n"
+        "  lmloop monitor summary --since 2024-05-01 --until 2024-05-02T12:00Z\n\n"
+        "--since/--until take " + TIME_HELP + ".\n"
+        "Drift is not computed yet (lmloop.mlops.drift); the report has its place.",
+    )
+    s.set_defaults(fn=cmd_monitor, action="summary", json=False, totals=False)
+    ms = s.add_subparsers(dest="action", metavar="ACTION")
+    for action, help_ in (
+        ("summary", "print a table: a row per model version, then one per window"),
+        ("report", "write an HTML report with plots (and print the per-version table)"),
+    ):
+        q = ms.add_parser(action, help=help_, description=s.description)
+        q.formatter_class = argparse.RawDescriptionHelpFormatter
+        q.add_argument(
+            "--store",
+            metavar="URL|PATH",
+            help="prediction log: sqlite:///path.db, a path, or postgresql://... "
+            "(default: $LMLOOP_HOME/predictions.db, where lmloop serve writes)",
+        )
+        q.add_argument(
+            "--since", metavar="TIME", help="from this time (ISO, or an age: 24h, 7d; default: all)"
+        )
+        q.add_argument("--until", metavar="TIME", help="up to this time, excluded (default: now)")
+        q.add_argument(
+            "--window", default="1h", metavar="DUR", help="window length: 15m, 1h, 1d (default 1h)"
+        )
+        q.add_argument("--model", metavar="NAME", help="only this model name (as served: --model-name)")
+        q.add_argument("--json", action="store_true", help="print the summary as JSON")
+        if action == "report":
+            q.add_argument("--out", required=True, metavar="FILE", help="the HTML file to write")
+        else:
+            q.add_argument("--totals", action="store_true", help="only the per-version rows, no windows")
 
     s = sub.add_parser("recipe", help="list every recipe key, or --check recipe files")
     s.add_argument("--check", nargs="+", metavar="FILE", help="validate these recipe files")
