@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 export LMLOOP_HOME ?= $(HOME)/.cache/lmloop
 
-.PHONY: setup demo test test-fast lint format bench bench-infer bench-serve clean help
+.PHONY: setup demo test test-fast lint format bench bench-infer bench-serve bench-dapt clean help
 
 help:
 	@echo "make demo   - set up, then fine-tune MiniLM on vader-sentiment (recipes/sentiment.yaml)"
@@ -14,6 +14,7 @@ help:
 	@echo "make lint   - ruff check + format check"
 	@echo "make bench  - benchmarks/finetune.py --quick"
 	@echo "make bench-infer / bench-serve - inference and serving benchmarks on runs/sentiment (after make demo)"
+	@echo "make bench-dapt - benchmarks/dapt.py --quick (DAPT vs none on one VADER domain; full run ~30 min)"
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -51,6 +52,9 @@ bench-infer: setup
 
 bench-serve: setup
 	$(BIN)/python benchmarks/serve_load.py --model runs/sentiment
+
+bench-dapt: setup
+	$(BIN)/python benchmarks/dapt.py --quick
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache
