@@ -9,6 +9,9 @@ import pytest
 
 from lmloop.config import (
     DataConfig,
+    LoopConfig,
+    LoopGatesConfig,
+    LoopTriggersConfig,
     ModelConfig,
     PretrainConfig,
     Recipe,
@@ -264,11 +267,17 @@ def test_describe_schema_lists_every_key_with_help():
             "train": TrainConfig,
             "pretrain": PretrainConfig,
             "tracking": TrackingConfig,
+            "loop": LoopConfig,
         }.get(f.name)
         if sub is None:
             expected.append(f.name)
-        else:
-            expected += [f"{f.name}.{g.name}" for g in dataclasses.fields(sub)]
+            continue
+        for g in dataclasses.fields(sub):
+            nested = {"triggers": LoopTriggersConfig, "gates": LoopGatesConfig}.get(g.name)
+            if sub is LoopConfig and nested is not None:  # loop.triggers.* and loop.gates.*
+                expected += [f"loop.{g.name}.{h.name}" for h in dataclasses.fields(nested)]
+            else:
+                expected.append(f"{f.name}.{g.name}")
     assert keys == expected
     assert len(keys) == len(set(keys))
     for key, tp, _default, doc in rows:

@@ -27,6 +27,8 @@ verbs (the stage each serves):
   serve      serve     HTTP server: /v1/classify, /v1/feedback, /metrics; logs every prediction
   registry   mlops     model versions, aliases (champion), promote / rollback with an audit log, diff
   monitor    mlops     traffic, latency, labels, confidence, live accuracy from the prediction log
+  loop       mlops     gated retraining: feedback -> challenger -> gates -> promote (or keep, and say why)
+  replay     mlops     replay a labelled file through the server at a set rate, with delayed feedback
   run        all       run a recipe (finetune or `task: pretrain`) and record it in MLflow
   recipe     all       every recipe key with its type, default and meaning
 
@@ -43,6 +45,7 @@ examples:
   lmloop registry register --model runs/vader --name sentiment && lmloop registry list
   lmloop serve --model models:/sentiment@champion
   lmloop monitor report --since 7d --window 1d --out monitor.html
+  lmloop replay vader-sentiment --rate 20 --feedback-fraction 0.3 --feedback-delay exp:30
   mlflow ui --backend-store-uri sqlite:///$HOME/.cache/lmloop/mlflow.db
 
 environment: LMLOOP_HOME (cache, default ~/.cache/lmloop), MLFLOW_TRACKING_URI (tracking store),
@@ -476,6 +479,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
         auth_scope=a.auth_scope,
         model_name=a.model_name or "",
         model_version=a.model_version or "",
+        follow=a.follow,
+        follow_interval_s=a.follow_interval,
     )
     serve(
         a.model,
@@ -487,6 +492,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
         settings=settings,
         allow_no_key=a.allow_no_key,
         access_log=a.access_log,
+        shadow=a.shadow,
     )
     return 0
 
@@ -588,6 +594,87 @@ def cmd_monitor(a: argparse.Namespace) -> int:
         json.dumps(summary.to_dict(), indent=2) if a.json else m.format_summary(summary, windows=not a.totals)
     )
     return 0
+
+
+def cmd_replay(a: argparse.Namespace) -> int:
+    from lmloop.mlops.replay import ReplayOptions, format_summary, load_replay_data, parse_where, replay
+
+    where = parse_where(a.where)
+    if a.domain is not None:
+        where[a.domain_column or "domain"] = a.domain
+    opts = ReplayOptions(  # validated before any data is read
+        url=a.url,
+        rate=a.rate,
+        batch=a.batch,
+        concurrency=a.concurrency,
+        duration=a.duration,
+        feedback_fraction=a.feedback_fraction,
+        feedback_delay=a.feedback_delay,
+        seed=a.seed,
+        api_key=a.api_key or os.environ.get("LMLOOP_API_KEY") or None,
+        timeout=a.timeout,
+        progress=not a.quiet,
+    )
+    if a.limit is not None and a.limit < 1:
+        from lmloop.errors import ConfigError
+
+        raise ConfigError(f"--limit {a.limit}: expected at least 1 row")
+    data = load_replay_data(
+        a.data,
+        split=a.split,
+        fmt=a.format,
+        text_column=a.text_column,
+        label_column=a.label_column,
+        domain_column=a.domain_column,
+        where=where,
+        shuffle=a.shuffle,
+        seed=a.seed,
+        limit=a.limit,
+        data_seed=a.data_seed,
+    )
+    summary = replay(data, opts)
+    print(format_summary(summary))
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(summary, indent=2))
+        print(f"summary: {a.json}")
+    return 130 if summary["interrupted"] else 0
+
+
+def cmd_loop(a: argparse.Namespace) -> int:
+    import time
+
+    import yaml
+
+    from lmloop.config import load_recipe
+    from lmloop.errors import ConfigError
+    from lmloop.mlops.loop import format_turn, run_turn
+
+    overrides = {}
+    for item in a.set or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set loop.gates.max_ece=0.05")
+        k, v = item.split("=", 1)
+        overrides[k] = yaml.safe_load(v)
+    recipe = load_recipe(a.recipe, overrides)
+
+    def turn(force: bool) -> None:
+        r = run_turn(recipe, force_trigger=force, progress=not a.quiet)
+        print(json.dumps(r.to_dict(), indent=2, default=str) if a.json else format_turn(r), flush=True)
+
+    if not a.watch:
+        turn(a.force)
+        return 0
+    print(f"watching every {a.interval:g} s (Ctrl-C to stop)", file=sys.stderr, flush=True)
+    force = a.force  # --force starts the first turn by hand; later ones wait for a trigger
+    try:
+        while True:
+            turn(force)
+            force = False
+            time.sleep(a.interval)
+    except KeyboardInterrupt:
+        print("stopped; an unfinished turn resumes on the next run", file=sys.stderr)
+        return 0
 
 
 # ------------------------------------------------------------------------------------------------ parser
@@ -955,6 +1042,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--access-log", action="store_true", help="uvicorn access log (paths only, never bodies)")
     g.add_argument("--model-name", help="name reported and logged (default: the model folder name)")
     g.add_argument("--model-version", help="version reported and logged (default: sha256 of the weights)")
+    g = s.add_argument_group("registry aliases (--model models:/NAME@ALIAS)")
+    g.add_argument(
+        "--follow-interval",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="seconds between checks of the alias; when it moves, the new version is loaded, warmed and "
+        "swapped in without dropping a request (default 10)",
+    )
+    g.add_argument(
+        "--no-follow",
+        dest="follow",
+        action="store_false",
+        help="pin the version the alias points at on startup (POST /v1/admin/reload still checks)",
+    )
+    g.add_argument(
+        "--shadow",
+        metavar="REF",
+        help="a challenger (e.g. models:/NAME@challenger) that scores the same texts after each answer, "
+        "off the request path; its agreement and confidence go to /metrics and /v1/models",
+    )
     s.set_defaults(fn=cmd_serve)
 
     from lmloop.presets import describe_presets
@@ -1106,6 +1214,115 @@ def build_parser() -> argparse.ArgumentParser:
             q.add_argument("--out", required=True, metavar="FILE", help="the HTML file to write")
         else:
             q.add_argument("--totals", action="store_true", help="only the per-version rows, no windows")
+
+    s = sub.add_parser(
+        "replay",
+        help="replay a labelled file through a running server, with delayed true labels as feedback",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Send the texts of DATA to /v1/classify at --rate requests per second and, for a random\n"
+        "--feedback-fraction of the answered predictions, their true labels to /v1/feedback after\n"
+        "--feedback-delay: production traffic with delayed ground truth, so `lmloop monitor` has live\n"
+        "accuracy to show; on its own, a load test.\n\n"
+        "Open loop: each request is sent at its scheduled time whether or not earlier ones were answered,\n"
+        "and its latency counts from that time, so latency under overload is honest (a client that waits\n"
+        "for each answer slows down with the server and hides the queue). A send rate below the target\n"
+        "means the client fell behind (raise --concurrency). Prints sent/ok/errors and the rate as it goes,\n"
+        "then latency p50/p90/p99/max, errors by status, client-side accuracy and feedback sent/failed.\n"
+        "Ctrl-C stops and prints the partial summary (exit 130). Exit 2: bad options, data or server.\n\n"
+        "  lmloop replay vader-sentiment --rate 20 --feedback-fraction 0.3 --feedback-delay exp:30\n"
+        "  lmloop replay traffic.csv --url http://10.0.0.5:8000 --rate 200 --batch 4 --duration 60\n"
+        "  lmloop replay vader-sentiment --split test --domain tweets --shuffle --limit 500 --json r.json",
+    )
+    s.add_argument(
+        "data",
+        metavar="DATA",
+        help="CSV/TSV/JSONL/Parquet file (rows in file order; labels optional), HF dataset dir, or a "
+        "built-in name (vader-sentiment: its test split unless --split)",
+    )
+    s.add_argument(
+        "--url", default="http://127.0.0.1:8000", help="the server (default http://127.0.0.1:8000)"
+    )
+    s.add_argument(
+        "--api-key",
+        metavar="KEY",
+        help="the server's key, needed for /v1/feedback (prefer env LMLOOP_API_KEY: flags show up in `ps`)",
+    )
+    g = s.add_argument_group("load")
+    g.add_argument(
+        "--rate",
+        type=float,
+        default=10.0,
+        metavar="R",
+        help="requests per second, on an open-loop schedule (default 10; 0 = as fast as --concurrency allows)",
+    )
+    g.add_argument("--batch", type=int, default=1, metavar="N", help="texts per request (default 1)")
+    g.add_argument(
+        "--concurrency", type=int, default=64, metavar="C", help="most requests in flight (default 64)"
+    )
+    g.add_argument(
+        "--duration", type=float, metavar="S", help="stop sending after S seconds, cycling the data if needed"
+    )
+    g.add_argument("--timeout", type=float, default=60.0, metavar="S", help="per request (default 60)")
+    g = s.add_argument_group("feedback")
+    g.add_argument(
+        "--feedback-fraction",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="share of labelled rows whose true label is sent as feedback (exactly round(F x rows), by --seed)",
+    )
+    g.add_argument(
+        "--feedback-delay",
+        default="0",
+        metavar="D",
+        help="after the answer: seconds (0.5, 30s, 2m), exp:MEAN (exponential) or uniform:LO:HI (default 0)",
+    )
+    g = s.add_argument_group("rows")
+    g.add_argument(
+        "--format", choices=["csv", "tsv", "jsonl", "parquet", "hf", "folder"], help="force the format"
+    )
+    g.add_argument("--split", choices=["train", "validation", "test", "all"],
+                   help="replay one split, as lmloop finetune splits the data (--data-seed)")  # fmt: skip
+    g.add_argument("--data-seed", type=int, default=42, metavar="S", help="seed of that split (default 42)")
+    g.add_argument("--text-column", default="text", metavar="C", help="default: text")
+    g.add_argument("--label-column", metavar="C", help="the true labels (default: label, when present)")
+    g.add_argument("--domain-column", metavar="C", help="per-domain accuracy (default: domain, when present)")
+    g.add_argument(
+        "--where", action="append", metavar="COL=VALUE", help="only rows where COL equals VALUE (repeatable)"
+    )
+    g.add_argument("--domain", metavar="NAME", help="only this domain: --where DOMAIN_COLUMN=NAME")
+    g.add_argument("--shuffle", action="store_true", help="send the rows in a random order (--seed)")
+    g.add_argument("--seed", type=int, default=0, help="shuffle order, feedback rows and delays (default 0)")
+    g.add_argument("--limit", type=int, metavar="N", help="replay at most N rows (after --where/--shuffle)")
+    s.add_argument("--json", metavar="FILE", help="also write the summary as JSON")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(fn=cmd_replay)
+
+    s = sub.add_parser(
+        "loop",
+        help="gated retraining: feedback -> challenger -> gates -> promote (or keep, and say why)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="One turn of the closed loop, when a trigger fires (loop.triggers: N new feedback records,\n"
+        "a clear live-accuracy drop, drift; --force by hand): base data + labelled feedback from the\n"
+        "prediction log (deduplicated, leakage-checked against the golden validation/test sets,\n"
+        "fingerprinted) -> a challenger fine-tuned with the recipe -> gates (loop.gates: no regression on\n"
+        "the golden test set, improvement on a feedback holdout, calibration, ...) -> registered, and\n"
+        "promoted (models:/NAME@champion moves) only if every gate passes; else the champion stays and the\n"
+        "reason is printed and recorded. One MLflow run per turn. A crashed turn resumes on the next run.\n\n"
+        "  lmloop loop recipes/sentiment.yaml --set loop.model_name=sentiment --force\n"
+        "  lmloop loop loop.yaml --watch --interval 600\n"
+        "  lmloop registry rollback sentiment --reason 'undo the loop'    undo a promotion",
+    )
+    s.add_argument("recipe", help="recipe YAML with a loop: section (lmloop recipe lists its keys)")
+    mode = s.add_mutually_exclusive_group()
+    mode.add_argument("--once", action="store_true", help="check the triggers; at most one turn (default)")
+    mode.add_argument("--watch", action="store_true", help="check the triggers every --interval until Ctrl-C")
+    s.add_argument("--interval", type=float, default=300.0, metavar="S", help="seconds between checks (300)")
+    s.add_argument("--force", action="store_true", help="start a turn now, whatever the triggers say")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key (repeatable)")
+    s.add_argument("--json", action="store_true", help="print the turn as JSON")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(fn=cmd_loop)
 
     s = sub.add_parser("recipe", help="list every recipe key, or --check recipe files")
     s.add_argument("--check", nargs="+", metavar="FILE", help="validate these recipe files")

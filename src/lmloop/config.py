@@ -192,6 +192,99 @@ class TrackingConfig:
 
 
 @dataclass
+class LoopTriggersConfig:
+    """When ``lmloop loop`` starts a turn: any one trigger that fires is enough (``--force`` starts one by
+    hand). A trigger set to null is off."""
+
+    min_feedback: int | None = 100
+    """Fire once this many labelled predictions got feedback since the last turn (null: off)."""
+    max_accuracy_drop: float | None = None
+    """Fire when live accuracy (feedback on recent predictions) has dropped more than this (0.05 = 5 points)
+    below the champion's test accuracy: when the upper end of its Wilson 95% interval is below
+    `champion test accuracy - max_accuracy_drop`, i.e. only when the drop is statistically clear."""
+    min_labelled: int = 30
+    """Fewer labelled recent predictions than this: the accuracy trigger does not judge (too noisy)."""
+    drift: bool = False
+    """Fire when lmloop.mlops.drift.detect finds recent traffic unlike the champion's drift reference
+    (drift_reference.npz in its model directory; skipped, and said so, when it has none)."""
+    window: str = "7d"
+    """How far back 'recent' traffic goes for the accuracy and drift triggers (30m, 24h, 7d)."""
+
+    def __post_init__(self) -> None:
+        if self.min_feedback is not None and self.min_feedback < 1:
+            raise ValueError("min_feedback must be >= 1 (or null to turn it off)")
+        if self.max_accuracy_drop is not None and not 0.0 <= self.max_accuracy_drop < 1.0:
+            raise ValueError("max_accuracy_drop must be in [0, 1): a share of accuracy, 0.05 = 5 points")
+        if self.min_labelled < 1:
+            raise ValueError("min_labelled must be >= 1")
+
+
+@dataclass
+class LoopGatesConfig:
+    """What a challenger must pass to be promoted; every gate is recorded, and one failure keeps the
+    champion. A gate set to null is not applied."""
+
+    max_regression: float | None = 0.01
+    """Largest allowed drop of accuracy on the frozen golden test set (the base data's test split),
+    challenger vs champion (0.01 = 1 point)."""
+    min_improvement: float | None = 0.0
+    """Least accuracy gain on the held-out slice of recent feedback, challenger minus champion (0.0: at
+    least as good)."""
+    min_holdout: int = 20
+    """The improvement gate fails when the feedback holdout has fewer rows than this: too few to judge."""
+    max_ece: float | None = 0.1
+    """Largest expected calibration error (15 bins) of the challenger on the golden test set."""
+    min_accuracy: float | None = None
+    """Least absolute accuracy of the challenger on the golden test set."""
+    max_domain_regression: float | None = None
+    """Largest accuracy drop in any one domain of the golden test set (needs data.domain_column)."""
+
+    def __post_init__(self) -> None:
+        for k in ("max_regression", "max_ece", "max_domain_regression", "min_accuracy"):
+            v = getattr(self, k)
+            if v is not None and not 0.0 <= v <= 1.0:
+                raise ValueError(f"{k} must be in [0, 1] (or null to turn the gate off)")
+        if self.min_improvement is not None and not -1.0 <= self.min_improvement <= 1.0:
+            raise ValueError("min_improvement must be in [-1, 1] (or null to turn the gate off)")
+        if self.min_holdout < 1:
+            raise ValueError("min_holdout must be >= 1")
+
+
+@dataclass
+class LoopConfig:
+    """The gated retraining loop (``lmloop loop RECIPE``): the challenger is fine-tuned with the recipe's
+    data/model/train sections, on the base training data plus labelled feedback from the prediction log."""
+
+    model_name: str | None = None
+    """Registered model the loop serves (models:/NAME@alias); default: tracking.register."""
+    alias: str = "champion"
+    """The alias the serving process follows; moved only when every gate passes."""
+    prediction_log: str | None = None
+    """Prediction store URL (sqlite:///path.db, postgresql://...); default: where lmloop serve writes."""
+    served_model: str | None = None
+    """Only read predictions logged under this model name (as served: --model-name); default: all."""
+    start_from: Literal["champion", "base"] = "champion"
+    """Fine-tune the challenger from the current champion's weights or from model.base."""
+    feedback_holdout: float = 0.2
+    """Share of feedback kept out of training for the improvement gate, chosen by a hash of the
+    normalised text: stable across turns, and no text is on both sides."""
+    dir: str | None = None
+    """Where turns are written (data version, challenger, state.json); default: <out>/loop."""
+    triggers: LoopTriggersConfig = field(default_factory=LoopTriggersConfig)
+    gates: LoopGatesConfig = field(default_factory=LoopGatesConfig)
+
+    def __post_init__(self) -> None:
+        import re
+
+        if self.model_name is not None and not re.fullmatch(r"[A-Za-z0-9][\w.\-]*", self.model_name):
+            raise ValueError("model_name must be a model name: letters, digits, '.', '_' and '-'")
+        if not re.fullmatch(r"[A-Za-z_][\w\-]*", self.alias) or self.alias.lower() == "latest":
+            raise ValueError("alias must be a word such as champion ('latest' is reserved)")
+        if not 0.0 <= self.feedback_holdout < 1.0:
+            raise ValueError("feedback_holdout must be in [0, 1)")
+
+
+@dataclass
 class Recipe:
     name: str = "run"
     """A short name for the run (also the default MLflow run name)."""
@@ -205,6 +298,7 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
 
 
 # ---------------------------------------------------------------------------------------------------------

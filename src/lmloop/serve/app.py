@@ -5,7 +5,9 @@ Endpoints (see :func:`create_app`)::
     POST /v1/classify   {"inputs": ["text", ...]} -> {"model", "version", "predictions": [{"id", "label",
                         "score", "scores"}]}; every prediction is recorded in the prediction log
     POST /v1/feedback   {"prediction_id", "label", "comment"?} -> the stored feedback (durable when answered)
-    GET  /v1/models     the served model: name, version, labels, backend and how it was chosen
+    GET  /v1/models     the served model: name, version, labels, backend and how it was chosen; the
+                        registry alias followed and the shadow model's agreement, when there are
+    POST /v1/admin/reload  (API key) look at the followed registry alias now; swap if it moved
     GET  /health        alive;  GET /ready: model loaded and warmed, not shutting down
     GET  /metrics       Prometheus text;  GET /docs, /openapi.json
 
@@ -17,6 +19,7 @@ empty list / unknown label, 429 queue full (Retry-After), 503 shutting down, 504
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
@@ -33,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmloop.serve.batcher import LogWriter, MicroBatcher, QueueFull, ShuttingDown
+from lmloop.serve.follow import AliasFollower, Served, Shadow
 
 
 @dataclass
@@ -53,6 +57,9 @@ class ServeSettings:
     model_name: str = ""  # "" -> the model folder's name
     model_version: str = ""  # "" -> sha256 of the weights
     max_log_backlog: int = 200_000  # prediction records not yet committed before classify gets 503
+    follow: bool = True  # a models:/NAME@ALIAS model: poll the alias and hot-swap when it moves
+    follow_interval_s: float = 10.0  # seconds between registry polls
+    shadow_max_queue: int = 2048  # texts waiting for the shadow model before more are dropped
 
 
 class ApiError(Exception):
@@ -158,8 +165,56 @@ class Metrics:
         self.log_failures = Counter(
             "lmloop_predlog_write_failures", "Failed prediction-log writes", registry=r
         )
-        info = Gauge("lmloop_model_info", "The served model", ["model", "version", "backend"], registry=r)
-        info.labels(settings.model_name, settings.model_version, backend).set(1)
+        self.model_info = Gauge(
+            "lmloop_model_info",
+            "The served model (one series: the live one)",
+            ["model", "version", "backend"],
+            registry=r,
+        )
+        self.model_info.labels(settings.model_name, settings.model_version, backend).set(1)
+        self._info = (settings.model_name, settings.model_version, backend)
+        self.registry_version = Gauge(
+            "lmloop_model_registry_version",
+            "Registry version being served (0: not from the registry)",
+            registry=r,
+        )
+        self.swaps = Counter("lmloop_model_swaps", "Hot swaps to a new registry version", registry=r)
+        self.swap_failures = Counter(
+            "lmloop_model_swap_failures",
+            "Alias moves not (yet) served, by reason: registry (unreadable), load (retried), labels (refused)",
+            ["reason"],
+            registry=r,
+        )
+        self.shadow_predictions = Counter(
+            "lmloop_shadow_predictions",
+            "Texts scored by the shadow model, by agreement",
+            ["agree"],
+            registry=r,
+        )
+        conf = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+        self.shadow_confidence = Histogram(
+            "lmloop_shadow_confidence", "The shadow model's top probability", buckets=conf, registry=r
+        )
+        self.shadow_dropped = Counter(
+            "lmloop_shadow_dropped", "Texts the shadow model skipped (its queue was full)", registry=r
+        )
+        self.shadow_info = Gauge(
+            "lmloop_shadow_info", "The shadow model", ["model", "version", "backend"], registry=r
+        )
+
+    def set_model(self, served: Served) -> None:
+        """Point lmloop_model_info at ``served`` (the old version's series goes: one live series)."""
+        new = (served.name, served.version, served.backend)
+        if new != self._info:
+            with contextlib.suppress(KeyError):
+                self.model_info.remove(*self._info)
+            self.model_info.labels(*new).set(1)
+            self._info = new
+        self.registry_version.set(served.registry_version or 0)
+
+    def set_shadow(self, served: Served) -> None:
+        self.shadow_info.clear()
+        self.shadow_info.labels(served.name, served.version, served.backend).set(1)
 
 
 # --------------------------------------------------------------------------------------------- the app
@@ -169,17 +224,73 @@ class _State:
     closing: bool = False
     batcher: MicroBatcher | None = None
     writer: LogWriter | None = None
+    served: Served | None = None  # the live model (the inference thread swaps at a batch boundary)
+    shadow: Shadow | None = None
     extra: dict = field(default_factory=dict)
 
 
-def create_app(predictor, store, settings: ServeSettings) -> FastAPI:
-    """The FastAPI app serving ``predictor`` and recording to ``store`` (a :mod:`lmloop.mlops.predlog` store)."""
+def create_app(
+    predictor,
+    store,
+    settings: ServeSettings,
+    *,
+    follower: AliasFollower | None = None,
+    shadow: Served | None = None,
+    shadow_follower: AliasFollower | None = None,
+) -> FastAPI:
+    """The FastAPI app serving ``predictor`` and recording to ``store`` (a :mod:`lmloop.mlops.predlog` store).
+
+    ``follower`` (a registry alias being served): wired here to swap the live model; it polls when
+    ``settings.follow``, and ``POST /v1/admin/reload`` runs it at once either way. ``shadow``: a model
+    scoring the same texts off the request path (``shadow_follower`` keeps it on its own alias).
+    """
     from lmloop.mlops.predlog import FeedbackRecord, PredictionRecord
 
-    labels = list(predictor.labels)
     metrics = Metrics(settings, predictor.backend_name)
     state = _State()
+    state.served = Served(
+        predictor, settings.model_name, settings.model_version, follower.version if follower else None
+    )
+    metrics.set_model(state.served)
     key = settings.api_key.encode() if settings.api_key else None
+
+    def install(served: Served) -> None:
+        # called on the follower's thread, with ``served`` loaded and warmed: one assignment in the
+        # batcher (read by the inference thread once per batch), then the reporting side
+        state.batcher.swap(served.predictor.predict_proba, served)
+        state.served = served
+        metrics.set_model(served)
+        metrics.swaps.inc()
+
+    def same_labels(served: Served) -> str | None:
+        old, new = sorted(state.served.labels), sorted(served.labels)
+        if old != new:
+            return (
+                f"its labels {new} differ from the served model's {old} (clients and feedback rely on them)"
+            )
+        return None
+
+    def counted(kind: str, detail: str) -> None:
+        reason = {"registry_failed": "registry", "load_failed": "load", "refused": "labels"}.get(kind)
+        if reason:
+            metrics.swap_failures.labels(reason).inc()
+
+    if follower is not None:
+        follower.install, follower.accept, follower.on_event = install, same_labels, counted
+
+    def install_shadow(served: Served) -> None:
+        state.shadow.swap(served)
+        metrics.set_shadow(served)
+
+    def shadow_labels(served: Served) -> str | None:
+        if sorted(served.labels) != sorted(state.served.labels):
+            return (
+                f"its labels {sorted(served.labels)} differ from the champion's {sorted(state.served.labels)}"
+            )
+        return None
+
+    if shadow_follower is not None:
+        shadow_follower.install, shadow_follower.accept = install_shadow, shadow_labels
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -193,6 +304,7 @@ def create_app(predictor, store, settings: ServeSettings) -> FastAPI:
             max_wait_ms=settings.max_wait_ms,
             max_queue=settings.max_queue,
             on_batch=on_batch,
+            tag=state.served,
         )
         # predictions are committed every 100 ms (one fsync per batch); feedback forces a commit at once
         state.writer = LogWriter(store, flush_ms=100, on_error=lambda e: metrics.log_failures.inc())
@@ -200,19 +312,45 @@ def create_app(predictor, store, settings: ServeSettings) -> FastAPI:
         metrics.log_backlog.set_function(lambda: state.writer.backlog if state.writer else 0)
         # warm-up: first-call allocations (and ORT's first run) are paid before /ready says yes
         await asyncio.to_thread(predictor.predict_proba, ["warm-up"] * min(8, settings.max_batch))
+        if shadow is not None:
+            await asyncio.to_thread(shadow.predictor.predict_proba, ["warm-up"] * 4)
+            state.shadow = Shadow(
+                shadow,
+                max_texts=settings.shadow_max_queue,
+                on_scored=on_shadow,
+                on_dropped=lambda n: metrics.shadow_dropped.inc(n),
+            )
+            metrics.set_shadow(shadow)
+        followers = [f for f in (follower, shadow_follower) if f is not None]
+        if settings.follow:
+            for f in followers:
+                f.start()
         state.ready = True
         try:
             yield
         finally:
             # uvicorn has stopped accepting and waited for in-flight requests; drain and commit
             state.ready, state.closing = False, True
+            for f in followers:
+                await asyncio.to_thread(f.close)
             await asyncio.to_thread(state.batcher.close)
             await asyncio.to_thread(state.writer.close)
+            if state.shadow is not None:
+                await asyncio.to_thread(state.shadow.close)
+
+    def on_shadow(agree, confidence) -> None:
+        n_agree = int(agree.sum())
+        if n_agree:
+            metrics.shadow_predictions.labels("yes").inc(n_agree)
+        if len(agree) > n_agree:
+            metrics.shadow_predictions.labels("no").inc(len(agree) - n_agree)
+        for c in confidence.tolist():
+            metrics.shadow_confidence.observe(c)
 
     app = FastAPI(
         title="lmloop server",
         version=settings.model_version,
-        description=f"Classifier `{settings.model_name}` (labels: {', '.join(labels)}). "
+        description=f"Classifier `{settings.model_name}` (labels: {', '.join(state.served.labels)}). "
         "Every prediction is recorded; attach true labels with /v1/feedback.",
         lifespan=lifespan,
     )
@@ -293,7 +431,9 @@ def create_app(predictor, store, settings: ServeSettings) -> FastAPI:
                 503, "log_behind", "the prediction log is behind; retry shortly", {"Retry-After": "1"}
             )
         try:
-            probs = await asyncio.wait_for(state.batcher.submit(texts), settings.timeout_s)
+            # ``served``: the model that actually ran this request's batch (a swap may have happened
+            # since the request arrived); its labels, name and version go into the answer and the log
+            probs, served = await asyncio.wait_for(state.batcher.submit_tagged(texts), settings.timeout_s)
         except QueueFull as e:
             raise ApiError(429, "busy", str(e), {"Retry-After": str(max(1, round(e.retry_after)))}) from None
         except ShuttingDown:
@@ -306,12 +446,13 @@ def create_app(predictor, store, settings: ServeSettings) -> FastAPI:
         request_id = headers.get("x-request-id")
         preds, records = [], []
         keep = settings.log_text == "full"
+        labels = served.labels
         for text, row in zip(texts, probs, strict=True):
             k = int(row.argmax())
             scores = {lab: float(p) for lab, p in zip(labels, row, strict=True)}
             rec = PredictionRecord.new(
-                model=settings.model_name,
-                version=settings.model_version,
+                model=served.name,
+                version=served.version,
                 text=text,
                 label=labels[k],
                 score=float(row[k]),
@@ -326,7 +467,9 @@ def create_app(predictor, store, settings: ServeSettings) -> FastAPI:
             preds.append({"id": rec.id, "label": rec.label, "score": rec.score, "scores": scores})
             metrics.predictions.labels(rec.label).inc()
         state.writer.add(records)
-        payload = {"model": settings.model_name, "version": settings.model_version, "predictions": preds}
+        if state.shadow is not None:  # scored later on the shadow's own thread; never waited for
+            state.shadow.offer(texts, [p["label"] for p in preds])
+        payload = {"model": served.name, "version": served.version, "predictions": preds}
         return _dumps(payload), {"X-Request-ID": request_id}
 
     @app.post(
@@ -349,6 +492,7 @@ def create_app(predictor, store, settings: ServeSettings) -> FastAPI:
     async def feedback(request: Request):
         """Attach the true label to a recorded prediction. Durable once answered."""
         req = await _parse(request, FeedbackRequest)
+        labels = state.served.labels
         if req.label not in labels:
             raise ApiError(
                 422, "unknown_label", f"label '{req.label}' is not one of the model's labels {labels}"
@@ -383,22 +527,44 @@ def create_app(predictor, store, settings: ServeSettings) -> FastAPI:
 
     @app.get("/v1/models")
     async def models():
-        """The served model and how its backend was chosen."""
-        cal = predictor.calibration or {}
-        return _json(
-            {
-                "data": [
-                    {
-                        "id": settings.model_name,
-                        "version": settings.model_version,
-                        "labels": labels,
-                        "backend": predictor.backend_name,
-                        "max_length": predictor.max_length,
-                        "backend_measurement": cal.get("results", {}).get(predictor.backend_name),
-                    }
-                ]
-            }
-        )
+        """The served model and how its backend was chosen; the registry alias it follows and the
+        shadow model's agreement with it, when there are."""
+        served = state.served
+        p = served.predictor
+        cal = getattr(p, "calibration", None) or {}
+        entry = {
+            "id": served.name,
+            "version": served.version,
+            "labels": served.labels,
+            "backend": served.backend,
+            "max_length": getattr(p, "max_length", None),
+            "backend_measurement": cal.get("results", {}).get(served.backend),
+        }
+        if follower is not None:
+            entry["registry"] = follower.status()
+        if state.shadow is not None:
+            entry["shadow"] = state.shadow.summary()
+            if shadow_follower is not None:
+                entry["shadow"]["registry"] = shadow_follower.status()
+        return _json({"data": [entry]})
+
+    @app.post("/v1/admin/reload", dependencies=[Depends(require_key)])
+    async def reload():
+        """Look at the followed registry alias now (and the shadow's); load, warm and swap if it moved.
+        Answers when done: what happened, and the version now served."""
+        if follower is None and shadow_follower is None:
+            raise ApiError(
+                409,
+                "not_following",
+                "the server was not started on a registry alias (--model models:/NAME@ALIAS): nothing to reload",
+            )
+        out = {}
+        if follower is not None:
+            out["model"] = await asyncio.to_thread(follower.check, True)
+        if shadow_follower is not None:
+            out["shadow"] = await asyncio.to_thread(shadow_follower.check, True)
+        out["version"] = state.served.version
+        return _json(out)
 
     @app.get("/health")
     async def health():
@@ -407,7 +573,7 @@ def create_app(predictor, store, settings: ServeSettings) -> FastAPI:
     @app.get("/ready")
     async def ready():
         if state.ready and not state.closing:
-            return _json({"status": "ready", "model": settings.model_name, "version": settings.model_version})
+            return _json({"status": "ready", "model": state.served.name, "version": state.served.version})
         return _error(
             503, "not_ready", "shutting down" if state.closing else "loading / warming up the model"
         )
@@ -418,7 +584,15 @@ def create_app(predictor, store, settings: ServeSettings) -> FastAPI:
 
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    routes = {"/v1/classify", "/v1/feedback", "/v1/models", "/health", "/ready", "/metrics"}
+    routes = {
+        "/v1/classify",
+        "/v1/feedback",
+        "/v1/models",
+        "/health",
+        "/ready",
+        "/metrics",
+        "/v1/admin/reload",
+    }
     # Observe outermost so 413s from BodyLimit are counted too
     return Observe(
         BodyLimit(FastClassify(app, settings.auth_scope == "all"), settings.max_body_bytes), metrics, routes

@@ -3,7 +3,10 @@
 ``MicroBatcher``: request handlers ``await submit(texts)``; one inference thread takes the first waiting
 request, keeps collecting until ``max_batch`` texts or ``max_wait_ms`` have passed, runs one
 ``predict_proba`` over all of them (the predictor sorts by length inside), and resolves each request's
-future with its rows. The queue is bounded in texts: a submit that would overflow it raises
+future with its rows. ``swap(predict, tag)`` replaces the model between batches: the inference thread
+reads the (predict, tag) pair once when it starts a batch, so a batch in flight finishes on the model
+it started with and every request learns (``submit_tagged``) which model answered it. The queue is
+bounded in texts: a submit that would overflow it raises
 :class:`QueueFull` at once (the server answers 429 + Retry-After) instead of letting memory grow.
 
 ``LogWriter``: handlers hand it prediction records without waiting; its thread commits them to the
@@ -44,6 +47,7 @@ class _Job:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
     enqueued: float = field(default_factory=time.perf_counter)
+    tag: object = None  # set by the inference thread: the tag of the model that ran this job
 
 
 class MicroBatcher:
@@ -57,8 +61,12 @@ class MicroBatcher:
         max_wait_ms: float = 5.0,
         max_queue: int = 1024,
         on_batch: Callable[[int, float], None] | None = None,
+        tag: object = None,
     ):
-        self.predict, self.max_batch, self.max_wait = predict, max_batch, max_wait_ms / 1000
+        self.max_batch, self.max_wait = max_batch, max_wait_ms / 1000
+        # one attribute holding both, replaced whole: the inference thread can never see a predict
+        # of one model with the tag of another
+        self._current: tuple[Callable[..., np.ndarray], object] = (predict, tag)
         self.max_queue, self.on_batch = max_queue, on_batch
         self._jobs: deque[_Job] = deque()
         self._queued_texts = 0
@@ -74,8 +82,26 @@ class MicroBatcher:
         """Texts waiting for the inference thread."""
         return self._queued_texts
 
+    @property
+    def predict(self) -> Callable[..., np.ndarray]:
+        return self._current[0]
+
+    @property
+    def tag(self) -> object:
+        """The tag of the model the next batch will run on."""
+        return self._current[1]
+
+    def swap(self, predict: Callable[..., np.ndarray], tag: object = None) -> None:
+        """Run later batches on ``predict`` (tagged ``tag``); the batch in flight finishes on the old one."""
+        with self._cv:
+            self._current = (predict, tag)
+
     async def submit(self, texts: Sequence[str]) -> np.ndarray:
         """Probabilities (len(texts), C) for ``texts``, batched with whatever else is waiting."""
+        return (await self.submit_tagged(texts))[0]
+
+    async def submit_tagged(self, texts: Sequence[str]) -> tuple[np.ndarray, object]:
+        """(probabilities (len(texts), C), the tag of the model that computed them)."""
         loop = asyncio.get_running_loop()
         job = _Job(texts, loop, loop.create_future())
         with self._cv:
@@ -86,7 +112,8 @@ class MicroBatcher:
             self._jobs.append(job)
             self._queued_texts += len(texts)
             self._cv.notify()
-        return await job.future
+        rows = await job.future
+        return rows, job.tag
 
     def _take(self) -> list[_Job] | None:
         """Block for the first job, then gather texts until the batch is "full" or max_wait has passed.
@@ -129,6 +156,10 @@ class MicroBatcher:
             if not batch:
                 continue
             texts = [t for job in batch for t in job.texts]
+            # the batch boundary: the one place a swapped-in model is picked up
+            predict, tag = self._current
+            for job in batch:
+                job.tag = tag
             # the next batch waits for about as many texts as this one had; more queued are taken anyway
             self._expect = len(texts)
             t0 = time.perf_counter()
@@ -152,7 +183,7 @@ class MicroBatcher:
                         job.loop.call_soon_threadsafe(_resolve, job.future, bufs[j], None)
 
             try:
-                self.predict(texts, on_rows)
+                predict(texts, on_rows)
                 err = None
             except Exception as e:  # a failure fails this batch's requests, never the thread
                 err = e

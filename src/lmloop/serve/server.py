@@ -2,6 +2,9 @@
 
 Shutdown is graceful: uvicorn stops accepting, waits for in-flight requests (up to ``drain_s``), then the
 app's lifespan drains the batch queue and commits the prediction log.
+
+A ``models:/NAME@ALIAS`` model is followed (see :mod:`lmloop.serve.follow`): the server reports NAME and
+``vN`` and hot-swaps to the alias's new version when it moves (``--no-follow`` pins the startup version).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from pathlib import Path
 
 from lmloop.errors import ConfigError
 from lmloop.serve.app import ServeSettings, create_app, model_version
+from lmloop.serve.follow import AliasFollower, Served, warm
 
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 
@@ -38,6 +42,7 @@ def serve(
     allow_no_key: bool = False,
     drain_s: float = 30.0,
     access_log: bool = False,
+    shadow: str | None = None,
     say=print,
 ) -> None:
     import uvicorn
@@ -53,21 +58,71 @@ def serve(
             f"refusing to listen on {host} without an API key: anyone who can reach it could write feedback. "
             "Set LMLOOP_API_KEY (or --api-key), or pass --allow-no-key if a proxy in front authenticates"
         )
-    path = Path(resolve_model(model))
     settings.api_key = api_key
-    if not settings.model_name:
-        # a registry URI downloads into registry/NAME/VERSION: report NAME-vVERSION, not the bare number
-        registry = str(model).startswith("models:/")
-        settings.model_name = f"{path.parent.name}-v{path.name}" if registry else path.name
-    if not settings.model_version:
-        settings.model_version = model_version(path)
+    alias = _alias(model)
+    if alias and settings.follow and settings.model_version:
+        raise ConfigError(
+            f"--model-version cannot be combined with following {model}: every version it moves to reports "
+            "its own (vN); pass --no-follow to pin one version under a name of your choosing"
+        )
+    path = Path(resolve_model(model))
+    name, version = _reported(model, path)
+    settings.model_name = settings.model_name or name
+    settings.model_version = settings.model_version or version
+
+    def load(p: Path) -> object:
+        # the same backend rules at startup and at every swap (auto: measured once per version)
+        return Predictor.from_ref(str(p), backend=backend, batch_size=settings.batch_size)
+
+    def follower_for(uri: str, at: Path, name: str) -> AliasFollower:
+        reg_name, reg_alias = _alias(uri)
+
+        def load_version(p: Path, version: int) -> Served:
+            pred = load(p)
+            warm(pred, p)
+            return Served(pred, name, f"v{version}", version)
+
+        return AliasFollower(
+            reg_name,
+            reg_alias,
+            int(at.name),
+            load=load_version,
+            install=None,
+            interval_s=settings.follow_interval_s,
+        )
+
+    follower = follower_for(model, path, settings.model_name) if alias else None
+    shadow_served = shadow_follower = None
+    if shadow:
+        spath = Path(resolve_model(shadow))
+        sname, sversion = _reported(shadow, spath)
+        reg_version = int(spath.name) if shadow.startswith("models:/") else None
+        shadow_served = Served(load(spath), sname, sversion, reg_version)
+        if _alias(shadow):
+            shadow_follower = follower_for(shadow, spath, sname)
     store = open_store(store_url)
-    predictor = Predictor.from_ref(str(path), backend=backend, batch_size=settings.batch_size)
-    app = create_app(predictor, store, settings)
+    predictor = load(path)
+    if shadow_served is not None and sorted(shadow_served.labels) != sorted(predictor.labels):
+        raise ConfigError(
+            f"--shadow {shadow}: its labels {sorted(shadow_served.labels)} differ from the served model's "
+            f"{sorted(predictor.labels)}, so agreement would mean nothing"
+        )
+    app = create_app(
+        predictor, store, settings, follower=follower, shadow=shadow_served, shadow_follower=shadow_follower
+    )
+    following = ""
+    if follower is not None:
+        following = (
+            f"  following {model} every {settings.follow_interval_s:g} s"
+            if settings.follow
+            else f"  pinned to {model} -> {settings.model_version} (--no-follow; POST /v1/admin/reload checks)"
+        )
+    if shadow_served is not None:
+        following += f"  shadow {shadow_served.name} {shadow_served.version}"
     say(
         f"serving {settings.model_name} ({settings.model_version}, backend {predictor.backend_name}) on "
         f"http://{host}:{port}  store {store.url}  auth {'on (' + settings.auth_scope + ')' if api_key else 'off'}"
-        f"  batching <= {settings.max_batch} texts / {settings.max_wait_ms:g} ms"
+        f"  batching <= {settings.max_batch} texts / {settings.max_wait_ms:g} ms{following}"
     )
     sys.stdout.flush()
     config = uvicorn.Config(
@@ -95,3 +150,24 @@ def serve(
         Server(config).run()
     finally:
         store.close()
+
+
+def _alias(ref: str | None) -> tuple[str, str] | None:
+    """(NAME, ALIAS) for a ``models:/NAME@ALIAS`` reference, else None (a pinned version, a directory)."""
+    if not ref or not str(ref).startswith("models:/"):
+        return None
+    from lmloop.mlops.registry import parse_uri
+
+    name, alias, _ = parse_uri(str(ref))
+    return (name, alias) if alias else None
+
+
+def _reported(ref: str, path: Path) -> tuple[str, str]:
+    """(name, version) reported for a model: a registry URI (downloaded into registry/NAME/VERSION) is
+    NAME and vVERSION, the same name across the versions an alias moves through; a directory is its
+    folder name and the sha256 of its weights."""
+    if str(ref).startswith("models:/"):
+        from lmloop.mlops.registry import parse_uri
+
+        return parse_uri(str(ref))[0], f"v{path.name}"
+    return path.name, model_version(path)
