@@ -5,10 +5,11 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 export LMLOOP_HOME ?= $(HOME)/.cache/lmloop
 
-.PHONY: setup demo test test-fast lint format bench bench-infer bench-serve bench-dapt clean help
+.PHONY: setup demo demo-loop test test-fast lint format bench bench-infer bench-serve bench-dapt clean help
 
 help:
 	@echo "make demo   - set up, then fine-tune MiniLM on vader-sentiment (recipes/sentiment.yaml)"
+	@echo "make demo-loop - the closed loop on a domain shift (lmloop demo: serve, drift, retrain, swap; ~30 min)"
 	@echo "make test   - set up, then run the test suite (incl. one slow end-to-end test)"
 	@echo "make test-fast - tests without the slow end-to-end ones"
 	@echo "make lint   - ruff check + format check"
@@ -29,6 +30,9 @@ setup: $(STAMP)
 
 demo: setup
 	$(BIN)/lmloop run recipes/sentiment.yaml --force
+
+demo-loop: setup
+	$(BIN)/lmloop demo --recipe recipes/domain-shift.yaml --out runs/demo-loop
 
 test: setup
 	$(BIN)/python -m pytest -q

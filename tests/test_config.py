@@ -8,7 +8,10 @@ from pathlib import Path
 import pytest
 
 from lmloop.config import (
+    AlertsConfig,
     DataConfig,
+    DemoConfig,
+    DriftConfig,
     LoopConfig,
     LoopGatesConfig,
     LoopTriggersConfig,
@@ -268,6 +271,9 @@ def test_describe_schema_lists_every_key_with_help():
             "pretrain": PretrainConfig,
             "tracking": TrackingConfig,
             "loop": LoopConfig,
+            "drift": DriftConfig,
+            "demo": DemoConfig,
+            "alerts": AlertsConfig,
         }.get(f.name)
         if sub is None:
             expected.append(f.name)

@@ -29,6 +29,7 @@ verbs (the stage each serves):
   monitor    mlops     traffic, latency, labels, confidence, live accuracy from the prediction log
   loop       mlops     gated retraining: feedback -> challenger -> gates -> promote (or keep, and say why)
   replay     mlops     replay a labelled file through the server at a set rate, with delayed feedback
+  demo       all       the whole loop on a domain shift: champion, server, traffic, drift, retrain, swap
   run        all       run a recipe (finetune or `task: pretrain`) and record it in MLflow
   recipe     all       every recipe key with its type, default and meaning
 
@@ -464,9 +465,13 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
+    from lmloop.config import load_alerts
+    from lmloop.errors import ConfigError
     from lmloop.serve.app import ServeSettings
     from lmloop.serve.server import serve
 
+    if a.monitor_interval < 0:
+        raise ConfigError(f"--monitor-interval {a.monitor_interval:g}: must be >= 0 (0 turns it off)")
     settings = ServeSettings(
         max_batch=a.max_batch,
         batch_size=a.batch_size,
@@ -481,6 +486,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
         model_version=a.model_version or "",
         follow=a.follow,
         follow_interval_s=a.follow_interval,
+        monitor_interval_s=a.monitor_interval,
+        alerts=load_alerts(a.alerts) if a.alerts else None,
     )
     serve(
         a.model,
@@ -639,6 +646,14 @@ def cmd_replay(a: argparse.Namespace) -> int:
         Path(a.json).write_text(json.dumps(summary, indent=2))
         print(f"summary: {a.json}")
     return 130 if summary["interrupted"] else 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from lmloop.demo import format_result, run_demo
+
+    result = run_demo(a.recipe, quick=a.quick, out=a.out, keep=a.keep)
+    print(format_result(result), flush=True)
+    return 0 if result["promoted"] and result["swapped"] else 1
 
 
 def cmd_loop(a: argparse.Namespace) -> int:
@@ -1063,6 +1078,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="a challenger (e.g. models:/NAME@challenger) that scores the same texts after each answer, "
         "off the request path; its agreement and confidence go to /metrics and /v1/models",
     )
+    g = s.add_argument_group("monitoring and alerts (GET /v1/monitor, /dashboard)")
+    g.add_argument(
+        "--monitor-interval",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="seconds between checks of live accuracy, latency, error rates and drift, and of the alert "
+        "thresholds (default 30; 0: no background checks: /v1/monitor computes on demand, and alerts are "
+        "judged only then)",
+    )
+    g.add_argument(
+        "--alerts",
+        metavar="FILE",
+        help="alert thresholds: a recipe's `alerts:` section or a YAML of that section alone "
+        "(min_live_accuracy, max_drift_p, max_p99_latency_ms, max_error_rate, webhook, ...; "
+        "`lmloop recipe` lists them)",
+    )
     s.set_defaults(fn=cmd_serve)
 
     from lmloop.presets import describe_presets
@@ -1323,6 +1355,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print the turn as JSON")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(fn=cmd_loop)
+
+    s = sub.add_parser(
+        "demo",
+        help="the whole loop on a domain shift: champion, server, traffic, drift, retrain, swap",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Fine-tune a champion on VADER movie snippets, serve models:/NAME@champion, replay Amazon\n"
+        "and tweet traffic with delayed feedback, watch drift and live accuracy, run a gated loop turn,\n"
+        "wait for the server to swap, and compare accuracy per domain with an oracle (recipe: demo:).\n"
+        "Writes OUT/demo.html and OUT/demo.json; exit 1 unless the loop promoted and the server swapped.\n\n"
+        "  lmloop demo                   full run (~30 min on 2 CPU cores)\n"
+        "  lmloop demo --quick           small slices, few steps, looser gates, no oracle (~2 min)",
+    )
+    s.add_argument("--recipe", default="recipes/domain-shift.yaml", help="demo recipe (default: %(default)s)")
+    s.add_argument("--quick", action="store_true", help="small slices and few steps: checks the machinery")
+    s.add_argument("--out", metavar="DIR", help="output directory (default: the recipe's out); replaced")
+    s.add_argument("--keep", action="store_true", help="keep the model weights (default: reports only)")
+    s.set_defaults(fn=cmd_demo)
 
     s = sub.add_parser("recipe", help="list every recipe key, or --check recipe files")
     s.add_argument("--check", nargs="+", metavar="FILE", help="validate these recipe files")

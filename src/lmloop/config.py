@@ -192,6 +192,28 @@ class TrackingConfig:
 
 
 @dataclass
+class DriftConfig:
+    """The drift reference a fine-tuned model carries (``drift_reference.npz/json`` in its directory): what
+    ``lmloop loop``'s drift trigger (``loop.triggers.drift``) compares live traffic with."""
+
+    reference: bool = True
+    """Write the drift reference at the end of fine-tuning (a few seconds with MiniLM); false to skip it."""
+    embedder: str = "auto"
+    """Encoder for the reference's sentence embeddings. 'auto': the base model when it is a packaged name
+    (portable: any machine resolves it), else the embedder of the base model's own reference (a loop
+    challenger keeps its champion's, so drift stays comparable across versions), else 'self'. 'self': the
+    fine-tuned model's own encoder, recorded by its directory's path. Or any model reference."""
+    max_texts: int = 500
+    """Training texts sampled (seeded) into the reference."""
+
+    def __post_init__(self) -> None:
+        if self.max_texts < 20:
+            raise ValueError("max_texts must be >= 20 (the drift tests need 20 texts a side)")
+        if not self.embedder.strip():
+            raise ValueError("embedder must be 'auto', 'self' or a model reference")
+
+
+@dataclass
 class LoopTriggersConfig:
     """When ``lmloop loop`` starts a turn: any one trigger that fires is enough (``--force`` starts one by
     hand). A trigger set to null is off."""
@@ -285,6 +307,121 @@ class LoopConfig:
 
 
 @dataclass
+class AlertsConfig:
+    """Thresholds ``lmloop serve --alerts FILE`` watches while serving (the file is a recipe with an
+    ``alerts:`` section, or that section alone). A threshold set to null is not watched. A raised or
+    cleared alert is logged, shown in /metrics and /dashboard, and POSTed to ``webhook``."""
+
+    min_live_accuracy: float | None = None
+    """Alert when live accuracy (feedback on the served version's predictions in `window`) is below this."""
+    accuracy_test: Literal["point", "wilson"] = "point"
+    """'point': the estimate is below min_live_accuracy; 'wilson': the upper end of its Wilson 95% interval
+    is below it (only a statistically clear drop)."""
+    min_labelled: int = 30
+    """Fewer labelled predictions than this in `window`: live accuracy is not judged (too noisy)."""
+    max_drift_p: float | None = None
+    """Alert when the drift p-value (family-wise, lmloop.mlops.drift.detect of recent texts against the
+    model's drift_reference.npz) is below this, e.g. 0.01. No reference: not judged, and said so."""
+    max_p99_latency_ms: float | None = None
+    """Alert when the 99th percentile of request latency in `window` is above this."""
+    max_error_rate: float | None = None
+    """Alert when more than this share of /v1/classify requests in `window` got a 5xx (this replica)."""
+    max_refusal_rate: float | None = None
+    """Alert when more than this share of /v1/classify requests in `window` got 429 (queue full)."""
+    min_requests: int = 20
+    """Latency and rate alerts judge only when `window` holds at least this many requests."""
+    window: str = "1h"
+    """How far back 'recent' goes for live accuracy, latency and drift (90s, 15m, 1h, 1d)."""
+    drift_interval: str = "5m"
+    """Least time between two drift checks (embedding the texts costs CPU the model shares)."""
+    drift_texts: int = 500
+    """Most recent texts compared with the drift reference (kept in memory when --log-text hash)."""
+    webhook: str | None = None
+    """URL that receives a JSON POST on every raise and clear (http:// or https://)."""
+    webhook_timeout_s: float = 5.0
+    """Seconds per webhook attempt."""
+    webhook_retries: int = 3
+    """Further attempts after a failed POST, with doubling back-off; then the event is counted as failed."""
+
+    def __post_init__(self) -> None:
+        import re
+
+        for k in ("min_live_accuracy", "max_error_rate", "max_refusal_rate"):
+            v = getattr(self, k)
+            if v is not None and not 0.0 <= v <= 1.0:
+                raise ValueError(f"{k} must be in [0, 1] (or null to turn the alert off)")
+        if self.max_drift_p is not None and not 0.0 < self.max_drift_p < 1.0:
+            raise ValueError("max_drift_p must be in (0, 1), e.g. 0.01 (or null to turn the alert off)")
+        if self.max_p99_latency_ms is not None and not self.max_p99_latency_ms > 0:
+            raise ValueError("max_p99_latency_ms must be > 0 (or null to turn the alert off)")
+        for k in ("min_labelled", "min_requests", "drift_texts"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"{k} must be >= 1")
+        if self.drift_texts < 20:
+            raise ValueError("drift_texts must be >= 20 (the drift tests need 20 texts a side)")
+        for k in ("window", "drift_interval"):
+            if not re.fullmatch(r"\s*\d+(\.\d+)?\s*[smhdw]\s*", getattr(self, k), re.IGNORECASE):
+                raise ValueError(f"{k} must be a duration like 90s, 15m, 1h, 1d, got {getattr(self, k)!r}")
+        if self.webhook is not None and not re.match(r"https?://[^/\s]+", self.webhook):
+            raise ValueError("webhook must be an http:// or https:// URL")
+        if not self.webhook_timeout_s > 0:
+            raise ValueError("webhook_timeout_s must be > 0")
+        if not 0 <= self.webhook_retries <= 10:
+            raise ValueError("webhook_retries must be in [0, 10]")
+
+
+@dataclass
+class DemoConfig:
+    """``lmloop demo``: a champion fine-tuned on the source domains of the recipe's data serves traffic from
+    the shift domains; drift and feedback trigger a loop turn (see :mod:`lmloop.demo`). Other commands
+    ignore this section."""
+
+    source_domains: list[str] = field(default_factory=lambda: ["movies"])
+    """Domains the champion is trained on; their test split is the loop's golden test set."""
+    shift_domains: list[str] = field(default_factory=lambda: ["amazon", "tweets"])
+    """Domains of the 'production' traffic: their training-split texts, shuffled, are replayed."""
+    train_limit: int | None = None
+    """Most source-domain training rows (a seeded sample; null: all). Small for --quick."""
+    eval_limit: int | None = None
+    """Most validation rows, and test rows per domain (a seeded sample; null: all)."""
+    stream_limit: int | None = None
+    """Most replayed production rows (null: every shift-domain training text)."""
+    baseline: int = 300
+    """Pre-shift traffic replayed first: held-out source-domain texts (their validation split)."""
+    slices: int = 5
+    """The production stream is replayed in this many slices; drift and live accuracy after each."""
+    rate: float = 40.0
+    """Requests per second (one text each), open loop."""
+    feedback_fraction: float = 0.6
+    """Share of predictions whose true label comes back as feedback."""
+    feedback_delay: str = "exp:1"
+    """Delay before a true label arrives (lmloop replay --feedback-delay: 5, exp:30, uniform:1-10)."""
+    oracle: bool = True
+    """Also train a model on source + shift domains from the start (same recipe): the 'within 2 points'
+    yardstick. --quick skips it."""
+    oracle_gap: float = 0.02
+    """Target: after the loop, accuracy on the shift domains within this of the oracle's."""
+    source_drop: float = 0.01
+    """Target: accuracy on the source domains drops no more than this from the champion's."""
+
+    def __post_init__(self) -> None:
+        if not self.source_domains or not self.shift_domains:
+            raise ValueError("source_domains and shift_domains must each name at least one domain")
+        if set(self.source_domains) & set(self.shift_domains):
+            raise ValueError("source_domains and shift_domains must not overlap")
+        for k in ("train_limit", "eval_limit", "stream_limit"):
+            v = getattr(self, k)
+            if v is not None and v < 20:
+                raise ValueError(f"{k} must be >= 20 (or null for all)")
+        if self.baseline < 0 or self.slices < 1:
+            raise ValueError("baseline must be >= 0 and slices >= 1")
+        if not self.rate > 0:
+            raise ValueError("rate must be > 0 requests per second")
+        if not 0.0 < self.feedback_fraction <= 1.0:
+            raise ValueError("feedback_fraction must be in (0, 1]")
+
+
+@dataclass
 class Recipe:
     name: str = "run"
     """A short name for the run (also the default MLflow run name)."""
@@ -299,6 +436,9 @@ class Recipe:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
+    drift: DriftConfig = field(default_factory=DriftConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+    alerts: AlertsConfig = field(default_factory=AlertsConfig)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -490,3 +630,26 @@ def describe_schema(cls: type = Recipe, prefix: str = "") -> list[tuple[str, str
         default = f.default if f.default is not dataclasses.MISSING else ""
         rows.append((key, _type_name(hints[f.name]), repr(default), docs.get(f.name, "")))
     return rows
+
+
+def load_alerts(path: str | Path) -> AlertsConfig:
+    """Read alert thresholds from ``path``: a recipe (its ``alerts:`` section) or a YAML file holding only
+    that section. Errors name the file, the line and the key, like :func:`load_recipe`."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: alerts file not found")
+    text = p.read_text(encoding="utf-8")
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{p}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(p)
+        raise ConfigError(f"{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        data = {}
+    if isinstance(data, dict) and "alerts" in data:  # a recipe: validate all of it, return its section
+        return _build(Recipe, data, "", str(p), node).alerts
+    return _build(AlertsConfig, data, "", str(p), node)

@@ -12,6 +12,7 @@ Output directory::
     metrics.json       {"validation": {...}, "test": {...}, "train": {...}}
     data_card.json/md, report.html, history.json, recipe.yaml
     validation.jsonl   the validation split (text, label, domain): backend calibration and export parity
+    drift_reference.npz/json   what drift is measured against (recipe ``drift``; lmloop.mlops.drift)
     backends.json      written later by `lmloop predict --backend auto` / `lmloop export`: measured backends
 """
 
@@ -27,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from lmloop.config import Recipe
+from lmloop.errors import LmloopError
 from lmloop.evaluate import evaluate_split, label_ids
 from lmloop.fsutil import atomic_write_text
 from lmloop.train import check_out_dir  # shared with pretrain
@@ -257,6 +259,8 @@ def run_recipe(
         # the validation split travels with the model: backend calibration (`predict --backend auto`)
         # and export parity checks measure accuracy on it without the original data
         write_validation_split(data.validation, out / VALIDATION_FILE)
+        if recipe.drift.reference:
+            write_drift_reference(recipe, data, predictor, out)
         write_metrics_json(metrics, out / "metrics.json")
         atomic_write_text(out / "history.json", json.dumps(result.history))
         atomic_write_text(out / "recipe.yaml", yaml.safe_dump(asdict(recipe), sort_keys=False))
@@ -305,6 +309,61 @@ def run_recipe(
 
 
 VALIDATION_FILE = "validation.jsonl"
+
+
+def drift_embedder(recipe: Recipe, out: Path) -> str:
+    """The model reference the drift reference's embeddings come from (recipe ``drift.embedder``)."""
+    from lmloop.assets import ASSETS, resolve_model
+    from lmloop.mlops.drift import REFERENCE_FILE
+
+    choice, base = recipe.drift.embedder, str(recipe.model.base)
+    if choice == "self":
+        return str(out.resolve())
+    if choice != "auto":
+        return choice
+    if base in ASSETS:  # a packaged name resolves on any machine, and its embeddings are general-purpose
+        return base
+    try:  # a model fine-tuned before (a loop challenger from its champion): keep that reference's embedder
+        ref = Path(resolve_model(base)) / REFERENCE_FILE
+        embedder = json.loads(ref.with_suffix(".json").read_text()).get("embedder")
+        if embedder and (embedder in ASSETS or Path(embedder).is_dir()):
+            return embedder
+    except (OSError, ValueError, LookupError, LmloopError):
+        pass
+    return str(out.resolve())  # the model's own encoder: as cheap as the model itself
+
+
+def write_drift_reference(recipe: Recipe, data, predictor, out: Path) -> Path:
+    """Write ``out/drift_reference.npz/json`` (:func:`lmloop.mlops.drift.build_reference`): a seeded sample
+    of at most ``drift.max_texts`` training texts, embedded by :func:`drift_embedder`; the label distribution
+    is the model's own predictions on the validation split, so its bias is not mistaken for drift."""
+    from lmloop.mlops.drift import REFERENCE_FILE, build_reference
+
+    t0 = time.perf_counter()
+    embedder = drift_embedder(recipe, out)
+    val_texts = list(data.validation["text"])
+    labels = None
+    if val_texts:
+        probs = predictor.predict_proba(val_texts)  # (N, C)
+        labels = [predictor.labels[i] for i in probs.argmax(1)]
+    ref = build_reference(
+        list(data.train["text"]),
+        embedder=embedder,
+        labels=labels,
+        max_texts=recipe.drift.max_texts,
+        seed=recipe.data.seed,
+    )
+    ref.meta.update(
+        model=recipe.name,
+        train_fingerprint=(data.card.get("fingerprints") or {}).get("train", {}).get("sha256"),
+    )
+    path = ref.save(out / REFERENCE_FILE)
+    _say(
+        f"drift reference: {len(next(iter(ref.properties.values())))} of {ref.n_texts} training texts, "
+        f"embedder {embedder}, labels from {len(val_texts)} validation predictions "
+        f"({time.perf_counter() - t0:.1f} s) -> {path}"
+    )
+    return path
 
 
 def write_validation_split(frame, path: Path) -> None:

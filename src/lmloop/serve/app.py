@@ -10,6 +10,8 @@ Endpoints (see :func:`create_app`)::
     POST /v1/admin/reload  (API key) look at the followed registry alias now; swap if it moved
     GET  /health        alive;  GET /ready: model loaded and warmed, not shutting down
     GET  /metrics       Prometheus text;  GET /docs, /openapi.json
+    GET  /v1/monitor    live monitoring snapshot and alerts;  GET /v1/feedback/recent (API key);
+                        GET /dashboard: the page over them (see lmloop.serve.dashboard, .monitoring)
 
 Errors are JSON ``{"error": {"code": ..., "message": ...}}`` with the right 4xx: 400 malformed JSON,
 401 missing/wrong API key, 404 unknown prediction id, 413 body or input too large, 422 wrong types /
@@ -60,6 +62,8 @@ class ServeSettings:
     follow: bool = True  # a models:/NAME@ALIAS model: poll the alias and hot-swap when it moves
     follow_interval_s: float = 10.0  # seconds between registry polls
     shadow_max_queue: int = 2048  # texts waiting for the shadow model before more are dropped
+    monitor_interval_s: float = 30.0  # seconds between monitoring ticks and alert checks (0: on demand)
+    alerts: Any = None  # lmloop.config.AlertsConfig (--alerts FILE); None: no thresholds watched
 
 
 class ApiError(Exception):
@@ -237,21 +241,39 @@ def create_app(
     follower: AliasFollower | None = None,
     shadow: Served | None = None,
     shadow_follower: AliasFollower | None = None,
+    model_dir: str | Path | None = None,
 ) -> FastAPI:
     """The FastAPI app serving ``predictor`` and recording to ``store`` (a :mod:`lmloop.mlops.predlog` store).
 
     ``follower`` (a registry alias being served): wired here to swap the live model; it polls when
     ``settings.follow``, and ``POST /v1/admin/reload`` runs it at once either way. ``shadow``: a model
     scoring the same texts off the request path (``shadow_follower`` keeps it on its own alias).
+    ``model_dir``: the served model's directory (its drift reference is looked for there).
     """
     from lmloop.mlops.predlog import FeedbackRecord, PredictionRecord
 
     metrics = Metrics(settings, predictor.backend_name)
     state = _State()
     state.served = Served(
-        predictor, settings.model_name, settings.model_version, follower.version if follower else None
+        predictor,
+        settings.model_name,
+        settings.model_version,
+        follower.version if follower else None,
+        Path(model_dir) if model_dir is not None else None,
     )
     metrics.set_model(state.served)
+    from lmloop.serve.monitoring import Monitor
+
+    monitor = Monitor(
+        store,
+        settings.alerts,
+        interval_s=settings.monitor_interval_s,
+        served=lambda: state.served,
+        requests=metrics.requests,
+        registry=metrics.registry,
+        keep_texts=settings.log_text != "full",
+        follower=follower,
+    )
     key = settings.api_key.encode() if settings.api_key else None
 
     def install(served: Served) -> None:
@@ -326,11 +348,13 @@ def create_app(
             for f in followers:
                 f.start()
         state.ready = True
+        monitor.start()
         try:
             yield
         finally:
             # uvicorn has stopped accepting and waited for in-flight requests; drain and commit
             state.ready, state.closing = False, True
+            await asyncio.to_thread(monitor.close)
             for f in followers:
                 await asyncio.to_thread(f.close)
             await asyncio.to_thread(state.batcher.close)
@@ -467,6 +491,7 @@ def create_app(
             preds.append({"id": rec.id, "label": rec.label, "score": rec.score, "scores": scores})
             metrics.predictions.labels(rec.label).inc()
         state.writer.add(records)
+        monitor.observe(served.version, texts, [p["label"] for p in preds])
         if state.shadow is not None:  # scored later on the shadow's own thread; never waited for
             state.shadow.offer(texts, [p["label"] for p in preds])
         payload = {"model": served.name, "version": served.version, "predictions": preds}
@@ -578,6 +603,11 @@ def create_app(
             503, "not_ready", "shutting down" if state.closing else "loading / warming up the model"
         )
 
+    from lmloop.serve.dashboard import add_routes
+
+    add_routes(app, monitor, store, require_key, lambda: state.served, _json, ApiError)
+    app.state.monitor = monitor
+
     @app.get("/metrics")
     async def prometheus():
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -592,6 +622,9 @@ def create_app(
         "/ready",
         "/metrics",
         "/v1/admin/reload",
+        "/v1/monitor",
+        "/v1/feedback/recent",
+        "/dashboard",
     }
     # Observe outermost so 413s from BodyLimit are counted too
     return Observe(

@@ -45,6 +45,7 @@ class Served:
     name: str  # reported in responses and the prediction log
     version: str  # ditto: "v3" for a registry version, else the weights' sha256 (or --model-version)
     registry_version: int | None = None
+    path: Path | None = None  # its directory (drift_reference.npz lives there), when known
 
     @property
     def labels(self) -> list[str]:

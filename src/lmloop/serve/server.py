@@ -80,7 +80,7 @@ def serve(
         def load_version(p: Path, version: int) -> Served:
             pred = load(p)
             warm(pred, p)
-            return Served(pred, name, f"v{version}", version)
+            return Served(pred, name, f"v{version}", version, p)
 
         return AliasFollower(
             reg_name,
@@ -108,7 +108,13 @@ def serve(
             f"{sorted(predictor.labels)}, so agreement would mean nothing"
         )
     app = create_app(
-        predictor, store, settings, follower=follower, shadow=shadow_served, shadow_follower=shadow_follower
+        predictor,
+        store,
+        settings,
+        follower=follower,
+        shadow=shadow_served,
+        shadow_follower=shadow_follower,
+        model_dir=path,
     )
     following = ""
     if follower is not None:
@@ -119,6 +125,13 @@ def serve(
         )
     if shadow_served is not None:
         following += f"  shadow {shadow_served.name} {shadow_served.version}"
+    if settings.monitor_interval_s > 0:
+        from lmloop.serve.monitoring import ALERTS
+
+        rules = settings.alerts
+        watched = [n for n, k in ALERTS.items() if rules is not None and getattr(rules, k) is not None]
+        following += f"  monitor every {settings.monitor_interval_s:g} s"
+        following += f" (alerts: {', '.join(watched)})" if watched else ""
     say(
         f"serving {settings.model_name} ({settings.model_version}, backend {predictor.backend_name}) on "
         f"http://{host}:{port}  store {store.url}  auth {'on (' + settings.auth_scope + ')' if api_key else 'off'}"
