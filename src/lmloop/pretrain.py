@@ -431,6 +431,11 @@ def run_pretrain(
         f"({n_params / 1e6:.2f}M params), objective {objective}, {total} steps x {B} x {T} tokens, "
         f"precision {precision}, {torch.get_num_threads()} threads"
         + (f"; estimate {predicted_s:.0f} s" if predicted_s else "")
+        + (
+            f" (calibrated while the machine was busy, load {busy}: likely too slow)"
+            if (busy := (est.get("calibration") or {}).get("contended_load"))
+            else ""
+        )
     )
 
     # -- batches, loss, evaluation -------------------------------------------------------------------------
@@ -703,6 +708,7 @@ def _compare(est: dict, result, step_seconds: float) -> dict:
         "flops": (est.get("flops") or {}).get("total"),
         "mfu": wall.get("mfu"),
         "calibration_cached": (est.get("calibration") or {}).get("cached"),
+        "calibration_contended_load": (est.get("calibration") or {}).get("contended_load"),
     }
     if "error" in est:
         out["error"] = est["error"]
