@@ -574,21 +574,27 @@ def recipe_from_dict(data: dict, source: str = "<recipe>") -> Recipe:
     return _build(Recipe, data, "", source)
 
 
-def load_recipe(path: str | Path, overrides: dict | None = None) -> Recipe:
-    """Read and validate a recipe YAML; ``overrides`` (dotted keys -> values) are applied on top."""
+def _read_yaml(p: Path, what: str):
+    """(node tree for line/column lookups, parsed data) of a YAML file; a ConfigError naming the file, line
+    and column when it is missing or not valid YAML."""
     import yaml
 
-    p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"{p}: recipe file not found")
+        raise ConfigError(f"{p}: {what} file not found")
     text = p.read_text(encoding="utf-8")
     try:
-        node = yaml.compose(text)
-        data = yaml.safe_load(text)
+        return yaml.compose(text), yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{p}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(p)
         raise ConfigError(f"{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
+
+
+def load_recipe(path: str | Path, overrides: dict | None = None) -> Recipe:
+    """Read and validate a recipe YAML; ``overrides`` (dotted keys -> values) are applied on top."""
+
+    p = Path(path)
+    node, data = _read_yaml(p, "recipe")
     if not isinstance(data, dict):
         data = {} if data is None else data
     for dotted, value in (overrides or {}).items():
@@ -635,19 +641,9 @@ def describe_schema(cls: type = Recipe, prefix: str = "") -> list[tuple[str, str
 def load_alerts(path: str | Path) -> AlertsConfig:
     """Read alert thresholds from ``path``: a recipe (its ``alerts:`` section) or a YAML file holding only
     that section. Errors name the file, the line and the key, like :func:`load_recipe`."""
-    import yaml
 
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{p}: alerts file not found")
-    text = p.read_text(encoding="utf-8")
-    try:
-        node = yaml.compose(text)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{p}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(p)
-        raise ConfigError(f"{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
+    node, data = _read_yaml(p, "alerts")
     if data is None:
         data = {}
     if isinstance(data, dict) and "alerts" in data:  # a recipe: validate all of it, return its section
