@@ -29,6 +29,13 @@ POSITIVE = ["great", "wonderful", "excellent", "love", "fantastic", "superb", "d
 NEGATIVE = ["terrible", "awful", "horrible", "hate", "dreadful", "bad", "disgusting"]
 
 
+@pytest.fixture(scope="session")
+def sentiment_words() -> tuple[list[str], list[str]]:
+    """(positive, negative) words the toy data is built from (a fixture: ``from conftest import`` is
+    ambiguous when several test folders have a conftest.py)."""
+    return POSITIVE, NEGATIVE
+
+
 @pytest.fixture(autouse=True)
 def _never_the_users_mlflow_store(tmp_path_factory, monkeypatch):
     """Safety net: anything that tracks without choosing a store lands in a throw-away sqlite file,

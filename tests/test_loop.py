@@ -423,11 +423,11 @@ def test_turn_promotes_after_crashes_exactly_once_with_lineage(world, monkeypatc
     assert world.reg.show("toy", "champion").version == 1
 
 
-def test_flipped_feedback_is_kept_out(world, toy_csv):
+def test_flipped_feedback_is_kept_out(world, toy_csv, sentiment_words):
     """Feedback that contradicts the base data (sentiment words with flipped labels): the challenger gets
     worse on the golden set, so the champion stays, the reason says why, and the challenger is registered
     (inspectable) without the alias moving."""
-    from conftest import NEGATIVE, POSITIVE
+    POSITIVE, NEGATIVE = sentiment_words
 
     flipped = [
         (
