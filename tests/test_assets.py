@@ -92,14 +92,15 @@ def test_resolve_garbage_lists_packaged_names(ref, tmp_path, monkeypatch):
         resolve_model(ref)
     msg = str(ei.value)
     assert msg.startswith(f"model '{ref}' not found")
-    assert "packaged model (minilm-l6)" in msg
+    assert "packaged model (minilm-l6, smollm2)" in msg
     assert "Hugging Face Hub id (org/name)" in msg
     assert isinstance(ei.value, LmloopError)
 
 
 def test_unknown_asset_name_lists_known():
     with pytest.raises(
-        AssetError, match=r"unknown packaged asset 'nope'; known: minilm-l6, shakespeare, vader-sentiment"
+        AssetError,
+        match=r"unknown packaged asset 'nope'; known: minilm-l6, shakespeare, smollm2, vader-sentiment",
     ):
         fetch("nope")
 

@@ -12,3 +12,16 @@ def load(ref: str, **kwargs):
     from lmloop.infer import load as _load
 
     return _load(ref, **kwargs)
+
+
+def generate(model, prompt=None, **kwargs) -> str:
+    """Generate text with a causal LM: ``lmloop.generate("smollm2", "Name three rivers.", temperature=0)``.
+
+    ``model`` is a reference (packaged name, directory, Hub id; loaded once per process) or a loaded
+    :class:`lmloop.infer.generate.Generator`; ``prompt`` a string or a messages list. Keyword arguments:
+    ``system``, ``raw``, ``max_new_tokens``, ``temperature``, ``top_p``, ``top_k``, ``stop``, ``seed``,
+    ``repetition_penalty``. For streaming use :func:`lmloop.infer.generate.stream`.
+    """
+    from lmloop.infer.generate import generate as _generate
+
+    return _generate(model, prompt, **kwargs)

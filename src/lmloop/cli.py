@@ -23,6 +23,8 @@ verbs (the stage each serves):
   finetune   finetune  fine-tune a classifier on a file or built-in data set (default model: minilm-l6)
   evaluate   evaluate  metrics, calibration and an HTML report for a model on labelled data
   predict    infer     label a file of texts of any size (backends: torch, int8, ONNX; auto = measured)
+  generate   infer     generate text with a causal LM (chat template, sampling, stop strings, streaming)
+  chat       infer     an interactive chat in the terminal with a causal LM (default: smollm2)
   export     serve     export a classifier to ONNX (int8 optional), refused unless parity holds
   serve      serve     HTTP server: /v1/classify, /v1/feedback, /metrics; logs every prediction
   registry   mlops     model versions, aliases (champion), promote / rollback with an audit log, diff
@@ -42,6 +44,7 @@ examples:
   lmloop evaluate --model runs/vader --data vader-sentiment
   lmloop run recipes/sentiment.yaml
   lmloop predict --model runs/vader --input texts.csv --output labels.parquet
+  lmloop generate --model smollm2 --prompt "Name three rivers in Europe." --temperature 0
   lmloop serve --model runs/vader --port 8000
   lmloop registry register --model runs/vader --name sentiment && lmloop registry list
   lmloop serve --model models:/sentiment@champion
@@ -445,6 +448,136 @@ def cmd_predict(a: argparse.Namespace) -> int:
         f"({res.items_per_s:.0f} items/s, backend {res.backend})"
     )
     return 0
+
+
+def _gen_params(a: argparse.Namespace) -> dict:
+    return {
+        "max_new_tokens": a.max_new_tokens,
+        "temperature": a.temperature,
+        "top_p": a.top_p,
+        "top_k": a.top_k,
+        "stop": a.stop or (),
+        "seed": a.seed,
+        "repetition_penalty": a.repetition_penalty,
+    }
+
+
+def _gen_stats(g) -> str:
+    r = g.last
+    return (
+        f"[{r.tokens} tokens in {r.seconds:.2f} s, {r.tokens_per_s:.1f} tokens/s; prompt {r.prompt_tokens} "
+        f"tokens, first token after {r.first_token_seconds:.2f} s; finish: {r.finish_reason}]"
+    )
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    from lmloop.infer.generate import Generator, check_params, read_prompts
+
+    params = _gen_params(a)
+    check_params(**params)
+    if a.output and not a.input:
+        from lmloop.errors import ConfigError
+
+        raise ConfigError(
+            "--output goes with --input (a file of prompts); one --prompt streams to the terminal"
+        )
+    rows = read_prompts(a.input) if a.input else None  # bad input fails before the model loads
+    g = Generator.load(a.model)
+    if rows is None:
+        for piece in g.stream(a.prompt, system=a.system, raw=a.raw, **params):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        print(_gen_stats(g), file=sys.stderr)
+        return 0
+
+    import tempfile
+
+    out = Path(a.output) if a.output else None
+    fh = sys.stdout
+    if out is not None:  # rows go to a temp file renamed onto --output only when every prompt is done
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+        fh = os.fdopen(fd, "w", encoding="utf-8")
+    total_tokens = total_s = 0.0
+    try:
+        for i, row in enumerate(rows):
+            msgs = row.get("messages")
+            text = g.generate(
+                row.get("prompt"), msgs, system=row.get("system", a.system), raw=a.raw, **params
+            )
+            r = g.last
+            rec = {"id": row.get("id", i)}
+            rec.update({"messages": msgs} if msgs is not None else {"prompt": row["prompt"]})
+            rec.update(
+                completion=text,
+                tokens=r.tokens,
+                prompt_tokens=r.prompt_tokens,
+                seconds=round(r.seconds, 4),
+                tokens_per_s=round(r.tokens_per_s, 2),
+                finish_reason=r.finish_reason,
+            )
+            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            fh.flush()
+            total_tokens += r.tokens
+            total_s += r.seconds
+            if out is not None and not a.quiet:
+                print(
+                    f"[{i + 1}/{len(rows)}] {r.tokens} tokens, {r.tokens_per_s:.1f} tokens/s", file=sys.stderr
+                )
+        if out is not None:
+            fh.close()
+            os.replace(tmp, out)
+    finally:
+        if out is not None and not fh.closed:
+            fh.close()
+            os.unlink(tmp)
+    rate = total_tokens / total_s if total_s else 0.0
+    where = f" to {out}" if out is not None else ""
+    print(
+        f"wrote {len(rows)} completions{where}: {int(total_tokens)} tokens, {rate:.1f} tokens/s",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_chat(a: argparse.Namespace) -> int:
+    from lmloop.infer.generate import Chat, Generator, check_params
+
+    params = _gen_params(a)
+    check_params(**params)
+    g = Generator.load(a.model)
+    chat = Chat(g, system=a.system)
+    if not g.has_chat_template:
+        print(f"lmloop chat: {a.model} has no chat template; use `lmloop generate --raw`", file=sys.stderr)
+        return 2
+    print(
+        f"chatting with {a.model} (context {g.context_length} tokens). /reset clears the history, /exit quits."
+    )
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            print()
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return 0
+        if text == "/reset":
+            chat.reset()
+            print("[history cleared]")
+            continue
+        trimmed = chat.trimmed
+        sys.stdout.write("bot> ")
+        for piece in chat.ask(text, **params):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        if chat.trimmed > trimmed:
+            print(f"[dropped the {chat.trimmed - trimmed} oldest messages to fit the context window]")
+        print(_gen_stats(g), file=sys.stderr)
 
 
 def cmd_export(a: argparse.Namespace) -> int:
@@ -980,6 +1113,57 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_predict)
 
     s = sub.add_parser(
+        "generate",
+        help="generate text with a causal LM (streamed; a file of prompts -> JSONL)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Generate with any Hugging Face causal LM: a packaged name (smollm2, SmolLM2-135M-Instruct),\n"
+        "a local directory (e.g. one `lmloop pretrain --objective clm` wrote) or a Hub id where reachable.\n\n"
+        '  lmloop generate --model smollm2 --prompt "Name three rivers in Europe." --temperature 0\n'
+        '  lmloop generate --model smollm2 --prompt "Write a haiku about rain." --seed 1 --stop "\\n\\n"\n'
+        '  lmloop generate --model runs/gpt --raw --prompt "ROMEO:" --max-new-tokens 200\n'
+        "  lmloop generate --model smollm2 --input prompts.jsonl --output completions.jsonl\n\n"
+        "A prompt is wrapped as a user turn by the model's chat template (with --system before it);\n"
+        "--raw, or a model without a template, continues the text as is. One prompt streams to the\n"
+        "terminal and the figures (tokens, tokens/s, time to first token) go to stderr. --input takes\n"
+        '.jsonl rows {"prompt": "..."} or {"messages": [{"role": "user", "content": "..."}]} (optional\n'
+        '"id", "system"), or any other text file as one prompt per line, and writes JSONL rows: id,\n'
+        "prompt/messages, completion, tokens, prompt_tokens, seconds, tokens_per_s, finish_reason.\n\n"
+        "Sampling: --temperature 0 is greedy (deterministic); otherwise top-k then top-p filter the\n"
+        "distribution and --seed makes the draw repeatable. --stop cuts the text exactly before the first\n"
+        "stop string (write \\n for a newline). Generation ends at the model's end token, a stop string,\n"
+        "--max-new-tokens or the context window. The KV cache is always used.",
+    )
+    s.add_argument(
+        "--model", default="smollm2", metavar="REF", help="causal LM: dir, packaged name (smollm2) or Hub id"
+    )
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", metavar="TEXT", help="one prompt, streamed to the terminal")
+    src.add_argument(
+        "--input", metavar="FILE", help="prompts: .jsonl (prompt or messages per row) or one per line"
+    )
+    s.add_argument("--output", metavar="FILE.jsonl", help="with --input: write JSONL here (default stdout)")
+    _add_sampling_args(s)
+    s.add_argument("--quiet", action="store_true", help="no per-prompt progress lines with --input")
+    s.set_defaults(fn=cmd_generate)
+
+    s = sub.add_parser(
+        "chat",
+        help="chat with a causal LM in the terminal",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="An interactive chat: each answer streams as it is generated, then its tokens/s.\n\n"
+        "  lmloop chat                                   # SmolLM2-135M-Instruct (packaged)\n"
+        '  lmloop chat --model smollm2 --system "You answer in one sentence." --temperature 0.2\n\n'
+        "The whole conversation is sent each turn through the model's chat template; when it no longer\n"
+        "fits the context window, the oldest exchanges are dropped (the system prompt stays).\n"
+        "Commands: /reset clears the history, /exit (or Ctrl-D) quits.",
+    )
+    s.add_argument(
+        "--model", default="smollm2", metavar="REF", help="chat model: dir, packaged name or Hub id"
+    )
+    _add_sampling_args(s, raw=False)
+    s.set_defaults(fn=cmd_chat)
+
+    s = sub.add_parser(
         "export",
         help="export a classifier to ONNX (parity-checked)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -1377,6 +1561,76 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--check", nargs="+", metavar="FILE", help="validate these recipe files")
     s.set_defaults(fn=cmd_recipe)
     return p
+
+
+def _bounded(kind, lo: float | None = None, hi: float | None = None, lo_open: bool = False, what: str = ""):
+    """An argparse type: ``kind`` within [lo, hi] ((lo, hi] with lo_open); errors exit 2 naming the range."""
+
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return v
+
+    return parse
+
+
+def _unescape(text: str) -> str:
+    # "--stop '\\n\\n'" from a shell arrives as backslash-n: turn the common escapes into characters
+    return text.replace("\\n", "\n").replace("\\t", "\t")
+
+
+def _add_sampling_args(s: argparse.ArgumentParser, raw: bool = True) -> None:
+    g = s.add_argument_group("prompt and sampling")
+    g.add_argument("--system", metavar="TEXT", help="system prompt (chat template models)")
+    if raw:
+        g.add_argument("--raw", action="store_true", help="no chat template: continue the prompt text as is")
+    g.add_argument(
+        "--max-new-tokens",
+        type=_bounded(int, lo=1, what="an integer >= 1"),
+        default=128,
+        metavar="N",
+        help="most tokens to generate (default 128)",
+    )
+    g.add_argument(
+        "--temperature",
+        type=_bounded(float, lo=0, what=">= 0 (0 = greedy)"),
+        default=0.7,
+        metavar="T",
+        help="0 = greedy (deterministic); higher = more varied (default 0.7)",
+    )
+    g.add_argument(
+        "--top-p",
+        type=_bounded(float, lo=0, hi=1, lo_open=True, what="in (0, 1]"),
+        default=0.9,
+        metavar="P",
+        help="nucleus sampling: keep the most likely tokens up to this mass (default 0.9; 1 = off)",
+    )
+    g.add_argument(
+        "--top-k",
+        type=_bounded(int, lo=0, what="an integer >= 0"),
+        default=50,
+        metavar="K",
+        help="keep the K most likely tokens (default 50; 0 = off)",
+    )
+    g.add_argument(
+        "--repetition-penalty",
+        type=_bounded(float, lo=0, lo_open=True, what="> 0"),
+        default=1.0,
+        metavar="R",
+        help="> 1 discourages tokens already in the prompt or output (default 1.0 = off; try 1.1)",
+    )
+    g.add_argument(
+        "--stop",
+        nargs="+",
+        type=_unescape,
+        metavar="STR",
+        help="stop strings: the output ends just before the first one (\\n = newline)",
+    )
+    g.add_argument("--seed", type=int, metavar="N", help="seed for sampling: same seed, same text")
 
 
 def _add_run_args(s: argparse.ArgumentParser, with_name: bool = True) -> None:
