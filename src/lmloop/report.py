@@ -23,7 +23,8 @@ _MAX_ANNOTATED_CLASSES = 25
 # Tick labels longer than this are cut so one long label does not squash the plot.
 _MAX_TICK_CHARS = 28
 
-_TEMPLATE = """<!DOCTYPE html>
+# The <head> every lmloop HTML report shares (evaluation, monitoring, ...): one look, one place to change it.
+HTML_HEAD = """<!DOCTYPE html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
@@ -43,7 +44,11 @@ img { max-width: 100%; height: auto; display: block; margin: .5rem 0; }
 .note { color: #57606a; font-size: .88rem; }
 </style>
 </head>
-<body>
+"""
+
+_TEMPLATE = (
+    HTML_HEAD
+    + """<body>
 <header>
 <h1>{{ title }}</h1>
 {% if model %}<p class="meta">Model: <code>{{ model }}</code></p>{% endif %}
@@ -124,6 +129,7 @@ A calibrated model follows the diagonal. Lower panel: number of predictions per 
 </body>
 </html>
 """
+)
 
 
 # --- formatting ---

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from lmloop.errors import ConfigError
+from lmloop.report import HTML_HEAD
 
 SCORE_BINS = 20  # equal-width confidence bins over [0, 1]
 MIN_LABELS_F1 = 30  # fewer labelled predictions than this: macro-F1 is noise, so it is not reported
@@ -704,27 +705,9 @@ def _accuracy_png(vs: list[VersionSummary]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- HTML
-_TEMPLATE = """<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="generator" content="lmloop {{ version }}">
-<title>{{ title }}</title>
-<style>
-body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 2rem auto;
-       max-width: 1100px; padding: 0 1rem; color: #1f2328; line-height: 1.45; }
-h1 { margin-bottom: .2rem; } h2 { border-bottom: 1px solid #d0d7de; padding-bottom: .2rem; margin-top: 2rem; }
-.meta { color: #57606a; margin: .2rem 0; }
-table { border-collapse: collapse; margin: .5rem 0 1rem; font-size: .88rem; }
-th, td { border: 1px solid #d0d7de; padding: .2rem .5rem; text-align: left; vertical-align: top; }
-th { background: #f6f8fa; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
-code { font-size: .85rem; word-break: break-all; }
-img { max-width: 100%; height: auto; display: block; margin: .5rem 0; }
-.note { color: #57606a; font-size: .88rem; }
-</style>
-</head>
-<body>
+_TEMPLATE = (
+    HTML_HEAD
+    + """<body>
 <header>
 <h1>{{ title }}</h1>
 <p class="meta">Store: <code>{{ store }}</code></p>
@@ -779,6 +762,7 @@ img { max-width: 100%; height: auto; display: block; margin: .5rem 0; }
 </body>
 </html>
 """
+)
 
 
 def _cells(s: Stats) -> list[str]:
