@@ -12,6 +12,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -316,3 +317,27 @@ def _finetune_confident_tiny(out: Path, tiny_model_dir: Path, toy_csv: Path) -> 
     assert code == 0
     assert (out / "validation.jsonl").is_file()
     return out
+
+
+def _wait_ready(proc, url: str, log: Path, timeout: float) -> None:
+    """Poll ``url/ready`` until it answers 200; fail with the server's log tail if the process exits or
+    ``timeout`` seconds pass."""
+    import httpx
+
+    end = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"lmloop serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < end, f"not ready after {timeout} s:\n{log.read_text()[-3000:]}"
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+def wait_ready():
+    """:func:`_wait_ready` for tests that start ``lmloop serve`` processes themselves."""
+    return _wait_ready

@@ -359,7 +359,7 @@ def dash_model(tiny_model_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(dash_model, tmp_path_factory):
+def server(dash_model, tmp_path_factory, wait_ready):
     """``lmloop serve`` with the key on writes, ``--alerts`` (live accuracy >= 0.99 once 5 are labelled)
     and a monitor interval long enough that only ``/v1/monitor?refresh=1`` makes new snapshots."""
     root = tmp_path_factory.mktemp("dash-server")
@@ -373,18 +373,8 @@ def server(dash_model, tmp_path_factory):
     with open(log, "wb") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
-    end = time.monotonic() + READY_TIMEOUT
     try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"lmloop serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < end, f"not ready after {READY_TIMEOUT} s:\n{log.read_text()[-3000:]}"
-            time.sleep(0.1)
+        wait_ready(proc, url, log, READY_TIMEOUT)
         # traffic: 30 texts like the reference, feedback on 8 (3 of them disagreeing)
         texts = [f"the film number {i} was {'great' if i % 3 else 'dull'}" for i in range(30)]
         preds = httpx.post(url + "/v1/classify", json={"inputs": texts}, timeout=30).json()["predictions"]

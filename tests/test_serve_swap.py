@@ -68,7 +68,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(registry, tmp_path_factory):
+def server(registry, tmp_path_factory, wait_ready):
     """``lmloop serve --model models:/NAME@champion --follow-interval 0.5 --shadow models:/NAME@challenger``
     (auth on writes)."""
     uri, home, _ = registry
@@ -84,18 +84,8 @@ def server(registry, tmp_path_factory):
     with open(log, "wb") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
-    end = time.monotonic() + READY_TIMEOUT
     try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"lmloop serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < end, f"not ready after {READY_TIMEOUT} s:\n{log.read_text()[-3000:]}"
-            time.sleep(0.1)
+        wait_ready(proc, url, log, READY_TIMEOUT)
         yield {"url": url, "proc": proc, "store": store, "log": log}
     finally:
         if proc.poll() is None:
