@@ -341,3 +341,72 @@ def _wait_ready(proc, url: str, log: Path, timeout: float) -> None:
 def wait_ready():
     """:func:`_wait_ready` for tests that start ``lmloop serve`` processes themselves."""
     return _wait_ready
+
+
+def _labelled_copy(src: Path, out: Path, labels: list[str]) -> Path:
+    """Copy a tiny model directory to ``out`` with human label names (config id2label/label2id and
+    lmloop.json), named like a real run; returns ``out``."""
+    import json
+    import shutil
+
+    shutil.copytree(src, out)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["id2label"] = {str(i): lab for i, lab in enumerate(labels)}
+    cfg["label2id"] = {lab: i for i, lab in enumerate(labels)}
+    (out / "config.json").write_text(json.dumps(cfg))
+    (out / "lmloop.json").write_text(json.dumps({"labels": labels, "max_length": 64}))
+    return out
+
+
+@pytest.fixture(scope="session")
+def labelled_copy():
+    """:func:`_labelled_copy`, for the serving tests' tiny models."""
+    return _labelled_copy
+
+
+# words the pretraining tests' synthetic corpora are drawn from
+CORPUS_WORDS = [
+    "the",
+    "king",
+    "queen",
+    "castle",
+    "sword",
+    "love",
+    "night",
+    "day",
+    "sea",
+    "wind",
+    "fire",
+    "stone",
+    "bright",
+    "dark",
+    "old",
+    "young",
+    "speaks",
+    "runs",
+    "falls",
+    "rises",
+    "gentle",
+    "lord",
+    "lady",
+    "battle",
+    "crown",
+    "heart",
+]
+
+
+def _word_corpus(directory: Path, paragraphs: int) -> Path:
+    """``directory/corpus.txt``: ``paragraphs`` distinct-ish paragraphs of 8-30 random words (seed 0)."""
+    rng = random.Random(0)
+    paras = [
+        " ".join(rng.choice(CORPUS_WORDS) for _ in range(rng.randint(8, 30))) + "." for _ in range(paragraphs)
+    ]
+    p = directory / "corpus.txt"
+    p.write_text("\n\n".join(paras), encoding="utf-8")
+    return p
+
+
+@pytest.fixture(scope="session")
+def word_corpus():
+    """:func:`_word_corpus`, for tests that pretrain on a tiny synthetic corpus."""
+    return _word_corpus

@@ -342,17 +342,11 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def dash_model(tiny_model_dir, tmp_path_factory) -> Path:
+def dash_model(tiny_model_dir, tmp_path_factory, labelled_copy) -> Path:
     """The tiny random BERT with human labels and a drift reference (text properties + labels)."""
     from lmloop.mlops.drift import REFERENCE_FILE, build_reference
 
-    out = tmp_path_factory.mktemp("dash-model") / MODEL_NAME
-    shutil.copytree(tiny_model_dir, out)
-    cfg = json.loads((out / "config.json").read_text())
-    cfg["id2label"] = {str(i): lab for i, lab in enumerate(LABELS)}
-    cfg["label2id"] = {lab: i for i, lab in enumerate(LABELS)}
-    (out / "config.json").write_text(json.dumps(cfg))
-    (out / "lmloop.json").write_text(json.dumps({"labels": LABELS, "max_length": 64}))
+    out = labelled_copy(tiny_model_dir, tmp_path_factory.mktemp("dash-model") / MODEL_NAME, LABELS)
     texts = [f"the film number {i} was {'great' if i % 2 else 'dull'}" for i in range(200)]
     build_reference(texts, labels=[LABELS[i % 2] for i in range(200)]).save(out / REFERENCE_FILE)
     return out

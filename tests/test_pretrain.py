@@ -6,50 +6,16 @@ from __future__ import annotations
 
 import json
 import math
-import random
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-WORDS = [
-    "the",
-    "king",
-    "queen",
-    "castle",
-    "sword",
-    "love",
-    "night",
-    "day",
-    "sea",
-    "wind",
-    "fire",
-    "stone",
-    "bright",
-    "dark",
-    "old",
-    "young",
-    "speaks",
-    "runs",
-    "falls",
-    "rises",
-    "gentle",
-    "lord",
-    "lady",
-    "battle",
-    "crown",
-    "heart",
-]
-
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
+def corpus(tmp_path_factory, word_corpus) -> Path:
     """~400 distinct paragraphs of random words: enough for a 300-token vocabulary and 32-token blocks."""
-    rng = random.Random(0)
-    paras = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 30))) + "." for _ in range(400)]
-    p = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    p.write_text("\n\n".join(paras), encoding="utf-8")
-    return p
+    return word_corpus(tmp_path_factory.mktemp("corpus"), 400)
 
 
 def _args(corpus, out, *extra):

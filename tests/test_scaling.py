@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 from pathlib import Path
 
 import numpy as np
@@ -127,33 +126,10 @@ def test_bad_ladders(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- end to end
 
-WORDS = [
-    "the",
-    "king",
-    "queen",
-    "castle",
-    "sword",
-    "love",
-    "night",
-    "day",
-    "sea",
-    "wind",
-    "fire",
-    "stone",
-    "bright",
-    "dark",
-    "old",
-    "young",
-]
-
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    rng = random.Random(0)
-    paras = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 30))) + "." for _ in range(300)]
-    p = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    p.write_text("\n\n".join(paras), encoding="utf-8")
-    return p
+def corpus(tmp_path_factory, word_corpus) -> Path:
+    return word_corpus(tmp_path_factory.mktemp("corpus"), 300)
 
 
 def test_scaling_cli_end_to_end(cli, corpus, tmp_path):

@@ -13,7 +13,6 @@ import asyncio
 import hashlib
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -141,16 +140,9 @@ class Launcher:
 
 
 @pytest.fixture(scope="session")
-def serve_model(tiny_model_dir, tmp_path_factory) -> Path:
+def serve_model(tiny_model_dir, tmp_path_factory, labelled_copy) -> Path:
     """The tiny random BERT with human labels (config id2label and lmloop.json), named like a real run."""
-    out = tmp_path_factory.mktemp("serve-model") / MODEL_NAME
-    shutil.copytree(tiny_model_dir, out)
-    cfg = json.loads((out / "config.json").read_text())
-    cfg["id2label"] = {str(i): lab for i, lab in enumerate(LABELS)}
-    cfg["label2id"] = {lab: i for i, lab in enumerate(LABELS)}
-    (out / "config.json").write_text(json.dumps(cfg))
-    (out / "lmloop.json").write_text(json.dumps({"labels": LABELS, "max_length": 64}))
-    return out
+    return labelled_copy(tiny_model_dir, tmp_path_factory.mktemp("serve-model") / MODEL_NAME, LABELS)
 
 
 @pytest.fixture
