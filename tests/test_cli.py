@@ -129,7 +129,7 @@ def test_run_unknown_recipe_key_in_a_subprocess(tmp_path, run_lmloop):
         f"lmloop run: error: {recipe}, line 3, column 3: unknown key 'train.epoch' (did you mean 'epochs'?); "
         "expected one of: epochs, batch_size, lr, weight_decay, warmup_ratio, max_grad_norm, evals_per_epoch, "
         "patience, metric, seed, precision, fast_path, freeze_embeddings, window, max_steps, checkpoint_every, "
-        "threads"
+        "threads, calibrate"
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from lmloop.config import (
     ModelConfig,
     PretrainConfig,
     Recipe,
+    SftConfig,
     TrackingConfig,
     TrainConfig,
     describe_schema,
@@ -56,12 +58,16 @@ def test_shipped_recipe_validates(path):
     assert recipe.name == raw["name"]
     # every value written in the file ends up in the typed recipe (floats may be written as ints)
     as_dict = recipe_to_dict(recipe)
-    for section, values in raw.items():
-        if isinstance(values, dict):
-            for key, value in values.items():
-                assert as_dict[section][key] == value, f"{path.name}: {section}.{key}"
+
+    def check(typed, written, key: str) -> None:  # nested sections (loop.gates.bias) are checked key by key
+        if isinstance(written, dict):
+            for k, v in written.items():
+                check(typed[k], v, f"{key}.{k}")
         else:
-            assert as_dict[section] == values
+            assert typed == written, f"{path.name}: {key}"
+
+    for section, values in raw.items():
+        check(as_dict[section], values, section)
 
 
 def test_sentiment_recipe_values():
@@ -274,6 +280,7 @@ def test_describe_schema_lists_every_key_with_help():
             "drift": DriftConfig,
             "demo": DemoConfig,
             "alerts": AlertsConfig,
+            "sft": SftConfig,
         }.get(f.name)
         if sub is None:
             expected.append(f.name)
@@ -281,7 +288,12 @@ def test_describe_schema_lists_every_key_with_help():
         for g in dataclasses.fields(sub):
             nested = {"triggers": LoopTriggersConfig, "gates": LoopGatesConfig}.get(g.name)
             if sub is LoopConfig and nested is not None:  # loop.triggers.* and loop.gates.*
-                expected += [f"loop.{g.name}.{h.name}" for h in dataclasses.fields(nested)]
+                for h in dataclasses.fields(nested):
+                    leaf = typing.get_type_hints(nested)[h.name]
+                    if dataclasses.is_dataclass(leaf):  # loop.gates.bias.*, loop.gates.calibration.*, ...
+                        expected += [f"loop.{g.name}.{h.name}.{i.name}" for i in dataclasses.fields(leaf)]
+                    else:
+                        expected.append(f"loop.{g.name}.{h.name}")
             else:
                 expected.append(f"{f.name}.{g.name}")
     assert keys == expected

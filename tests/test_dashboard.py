@@ -32,6 +32,7 @@ import pytest
 from lmloop.config import AlertsConfig, load_alerts
 from lmloop.errors import ConfigError
 from lmloop.mlops.predlog import FeedbackRecord, PredictionRecord, open_store
+from lmloop.netutil import free_port
 
 KEY = f"sk-dash-{uuid.uuid4().hex}"
 LABELS = ["negative", "positive"]
@@ -335,10 +336,6 @@ def test_alert_files_bare_or_in_a_recipe(tmp_path, cli):
 
 
 # ---------------------------------------------------------------------------------------------- server
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -359,7 +356,7 @@ def server(dash_model, tmp_path_factory, wait_ready):
     root = tmp_path_factory.mktemp("dash-server")
     alerts = root / "alerts.yaml"
     alerts.write_text("min_live_accuracy: 0.99\nmin_labelled: 5\nmax_drift_p: 0.001\n")
-    port, store = _free_port(), f"sqlite:///{root / 'predictions.db'}"
+    port, store = free_port(), f"sqlite:///{root / 'predictions.db'}"
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", LMLOOP_API_KEY=KEY)
     argv = [sys.executable, "-m", "lmloop", "serve", "--model", str(dash_model), "--backend", "torch"]
     argv += ["--port", str(port), "--store", store, "--monitor-interval", "3600", "--alerts", str(alerts)]

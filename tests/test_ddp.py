@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,14 +19,10 @@ from pathlib import Path
 
 import pytest
 
+from lmloop.netutil import free_port
+
 MAX_STEPS = 40
 BATCH = 30  # 384 train rows: 12 full batches + one of 24 per epoch; 15 examples per rank
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cmd(nproc: int, *args: str) -> list[str]:
@@ -35,7 +30,7 @@ def _cmd(nproc: int, *args: str) -> list[str]:
         return [sys.executable, "-m", "lmloop", *args]
     return [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-        "--master_port", str(_free_port()), "-m", "lmloop", *args,
+        "--master_port", str(free_port()), "-m", "lmloop", *args,
     ]  # fmt: skip
 
 

@@ -54,12 +54,19 @@ def test_quick_recipe_end_to_end(tmp_path, minilm_dir, vader_dir, run_lmloop, ml
     assert hf.config.num_hidden_layers == 6
     assert [hf.config.id2label[i] for i in range(hf.config.num_labels)] == sorted(test["per_class"])
     texts = ["What a wonderful, delightful film!", "This was a dreadful waste of money.", "ok"]
+    from lmloop.calibration import temperature_of
+
     predictor = load(str(out), backend="torch")  # the exact fp32 path (auto may pick int8)
     probs = predictor.predict_proba(texts)
+    t = temperature_of(out)  # fitted on validation by finetune: probabilities are softmax(logits / T)
+    assert t > 0 and predictor.temperature == t
     with torch.no_grad():
-        ref = torch.softmax(hf(**tok(texts, padding=True, return_tensors="pt")).logits, -1).numpy()
-    assert abs(probs - ref).max() < 1e-4
-    assert [p.label for p in predictor.predict(texts)] == [hf.config.id2label[int(i)] for i in ref.argmax(1)]
+        logits = hf(**tok(texts, padding=True, return_tensors="pt")).logits
+    assert abs(probs - torch.softmax(logits / t, -1).numpy()).max() < 1e-4
+    raw = load(str(out), backend="torch", calibrated=False).predict_proba(texts)
+    assert abs(raw - torch.softmax(logits, -1).numpy()).max() < 1e-4
+    assert (raw.argmax(1) == probs.argmax(1)).all()  # temperature never changes a label
+    assert [p.label for p in predictor.predict(texts)] == [hf.config.id2label[int(i)] for i in raw.argmax(1)]
 
     from mlflow.tracking import MlflowClient
 

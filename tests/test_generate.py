@@ -62,6 +62,19 @@ def gen(tiny_lm_dir) -> Generator:
     return Generator.load(str(tiny_lm_dir))
 
 
+def _count_calls(g: Generator, monkeypatch) -> list[dict]:
+    """Record the keyword arguments of every forward call the decode loop makes (any backend)."""
+    calls: list[dict] = []
+    real = g.forward
+
+    def counting(*a, **kw):
+        calls.append(kw)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(g, "runner", counting)
+    return calls
+
+
 def _no_eos(g: Generator, monkeypatch):
     # a random model may hit its end token early; these tests need a run to reach max_new_tokens
     monkeypatch.setattr(g, "eos_ids", lambda: set())
@@ -168,21 +181,17 @@ def test_stop_strings_cut_exactly_across_token_boundaries(gen, monkeypatch):
 
 def test_kv_cache_is_used_and_changes_nothing(gen, monkeypatch):
     _no_eos(gen, monkeypatch)
-    calls = []
-    real = gen.model.forward
-
-    def counting(*a, **kw):
-        calls.append((kw["input_ids"].shape[1], kw.get("cache") is not None))
-        return real(*a, **kw)
-
-    monkeypatch.setattr(gen.model, "forward", counting)
+    kws = _count_calls(gen, monkeypatch)
     with_cache = gen.generate("the quick", temperature=0, max_new_tokens=10)
+    calls = [(kw["input_ids"].shape[1], kw.get("cache") is not None) for kw in kws]
     n_prompt = len(gen.prompt_ids("the quick"))
     assert calls[0] == (n_prompt, False)  # the prompt once
     assert calls[1:] == [(1, True)] * 9  # then one new token per step, reading the cache
-    calls.clear()
+    kws.clear()
     assert gen.generate("the quick", temperature=0, max_new_tokens=10, use_cache=False) == with_cache
-    assert [c[0] for c in calls] == [n_prompt + i for i in range(10)]  # no cache: the whole sequence
+    assert [kw["input_ids"].shape[1] for kw in kws] == [
+        n_prompt + i for i in range(10)
+    ]  # no cache: the whole sequence
 
 
 def test_streaming_gives_the_same_text(gen, monkeypatch):
@@ -393,3 +402,199 @@ def test_smollm2_asset_generates_and_matches_gguf():
         a = src(input_ids=ids).logits[0]
         b = g.model(input_ids=ids).logits[0]
     assert float((a - b).abs().max()) <= 1e-4
+
+
+# ---------------------------------------------------------------------------------------- static batch
+
+BATCH_PROMPTS = ["the quick", "to be or not to be that is", "a", "the lazy dog jumps over the brown fox"]
+
+
+def _batch_ids(g: Generator) -> list[list[int]]:
+    return [g.prompt_ids(p) for p in BATCH_PROMPTS]
+
+
+@pytest.mark.parametrize("backend", ["hf", "fast"])
+def test_stream_batch_greedy_rows_equal_single_runs(tiny_lm_dir, backend, monkeypatch):
+    gen = Generator.load(str(tiny_lm_dir), backend=backend)
+    assert gen.backend == backend
+    _no_eos(gen, monkeypatch)
+    ids = _batch_ids(gen)
+    assert len({len(x) for x in ids}) == len(ids)  # different lengths: left padding matters
+    kw = dict(temperature=0, max_new_tokens=16)
+    alone = []
+    for x in ids:
+        text = gen.generate(ids=x, **kw)
+        alone.append((text, gen.last.token_ids))
+    pieces: dict[int, list[str]] = {i: [] for i in range(len(ids))}
+    steps = 0
+    for step in gen.stream_batch(ids, [dict(kw) for _ in ids]):
+        steps += 1
+        assert len({i for i, _ in step}) == len(step)  # at most one piece per row per step
+        for i, piece in step:
+            assert piece
+            pieces[i].append(piece)
+    assert steps > 1
+    res = gen.last_batch
+    for i, (text, toks) in enumerate(alone):
+        assert res[i].token_ids == toks, f"row {i} differs from its single run"
+        assert res[i].text == text == "".join(pieces[i])
+        assert res[i].tokens == 16 and res[i].finish_reason == "length"
+        assert res[i].prompt_tokens == len(ids[i]) and res[i].seconds > 0
+    # generate_batch drains the same loop; the batch order is kept
+    out = gen.generate_batch(ids[::-1], [dict(kw) for _ in ids])
+    assert [g.text for g in out] == [t for t, _ in alone][::-1]
+
+
+def test_stream_batch_rows_finish_independently(gen, monkeypatch):
+    ids = _batch_ids(gen)[:3]
+    full = gen.generate(ids=ids[1], temperature=0, max_new_tokens=20)
+    eos_tok = gen.generate_batch([ids[2]], [{"temperature": 0, "max_new_tokens": 20}])[0].token_ids
+    stop = full[6:9]
+    # row 0 stops on length after 3, row 1 on a stop string, row 2 on a token declared as end-of-sequence
+    monkeypatch.setattr(gen, "eos_ids", lambda: {eos_tok[4]})
+    params = [
+        {"temperature": 0, "max_new_tokens": 3},
+        {"temperature": 0, "max_new_tokens": 20, "stop": [stop]},
+        {"temperature": 0, "max_new_tokens": 20},
+    ]
+    kws = _count_calls(gen, monkeypatch)
+    seen_rows = [[i for i, _ in step] for step in gen.stream_batch(ids, params)]
+    batch_sizes = [kw["input_ids"].shape[0] for kw in kws]
+    r = gen.last_batch
+    assert (r[0].tokens, r[0].finish_reason) == (3, "length")
+    assert r[1].finish_reason == "stop" and r[1].text == full[: full.index(stop)]
+    assert r[2].finish_reason == "eos" and r[2].token_ids == eos_tok[: eos_tok.index(eos_tok[4])]
+    assert 0 not in [i for s in seen_rows[3:] for i in s]  # row 0 is done after its 3 tokens
+    assert batch_sizes[0] == 3 and batch_sizes[-1] < 3  # finished rows leave the batch
+    assert batch_sizes == sorted(batch_sizes, reverse=True)
+
+
+def test_stream_batch_seeded_rows_are_reproducible(gen, monkeypatch):
+    _no_eos(gen, monkeypatch)
+    ids = _batch_ids(gen)[:3]
+    kw = dict(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=12)
+    params = [{**kw, "seed": 11}, {**kw, "seed": 12}, {**kw, "temperature": 0}]
+    a = [g.text for g in gen.generate_batch(ids, params)]
+    assert [g.text for g in gen.generate_batch(ids, params)] == a
+    # a seeded row draws from its own RNG: the same text alone as in the batch
+    assert gen.generate(ids=ids[0], **kw, seed=11) == a[0]
+    assert gen.generate(ids=ids[1], **kw, seed=12) == a[1]
+    params[0]["seed"] = 13
+    assert gen.generate_batch(ids, params)[0].text != a[0]
+
+
+def test_stream_batch_refuses_bad_input(gen):
+    ids = _batch_ids(gen)[:2]
+    with pytest.raises(ConfigError, match="2 prompts but 1 parameter"):
+        gen.generate_batch(ids, [{}])
+    with pytest.raises(ConfigError, match="row 1: temperature must be >= 0"):
+        gen.generate_batch(ids, [{}, {"temperature": -1}])
+    with pytest.raises(ConfigError, match=r"row 0: unknown sampling parameter\(s\) \['beams'\]"):
+        gen.generate_batch(ids, [{"beams": 2}, {}])
+    with pytest.raises(ConfigError, match="row 1: the prompt is empty"):
+        gen.generate_batch([ids[0], []], [{}, {}])
+    with pytest.raises(ConfigError, match="non-empty list"):
+        gen.generate_batch([], [])
+
+
+# ------------------------------------------------------------------------------------------ backends
+
+
+def test_fast_backend_matches_transformers(tiny_lm_dir):
+    import torch
+
+    g = Generator.load(str(tiny_lm_dir))
+    assert g.backend == "fast"  # auto picks the lean forward for a Llama model
+    ids = [g.prompt_ids(p) for p in BATCH_PROMPTS[:2]]
+    t = max(map(len, ids))
+    x = torch.tensor([[0] * (t - len(r)) + r for r in ids])  # (2, T) left-padded
+    mask = (torch.arange(t) >= torch.tensor([[t - len(r)] for r in ids])).long()  # (2, T)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        ref = g.model(input_ids=x, attention_mask=mask, position_ids=pos, use_cache=True)
+        got = g.runner(input_ids=x, attention_mask=mask, position_ids=pos)
+        real = mask.bool()
+        assert torch.allclose(got.logits[real], ref.logits[real], atol=1e-4)
+        # one decode step on top of each cache
+        nxt, m2, p2 = (
+            torch.tensor([[5], [7]]),
+            torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1),
+            pos[:, -1:] + 1,
+        )
+        a = g.model(input_ids=nxt, attention_mask=m2, position_ids=p2, cache=ref.cache, use_cache=True).logits
+        b = g.runner(input_ids=nxt, attention_mask=m2, position_ids=p2, cache=got.cache).logits
+    assert torch.allclose(a, b, atol=1e-4)
+    assert got.cache.get_seq_length() == t + 1
+
+
+@pytest.mark.parametrize("backend", ["bf16", "q4"])
+def test_low_precision_backends_are_close_and_batch(tiny_lm_dir, backend, monkeypatch):
+    import torch
+
+    g = Generator.load(str(tiny_lm_dir), backend=backend)
+    ids = torch.tensor([g.prompt_ids("the quick brown fox")])
+    with torch.inference_mode():
+        ref = g.model(input_ids=ids).logits[0]  # (T, V)
+        got = g.runner(input_ids=ids).logits[0]
+    err = float((got - ref).abs().max() / ref.abs().max())
+    # bf16 only rounds; q4 squeezes these random Gaussian weights onto 16 levels (lossy: see the next test
+    # for weights that are already 4-bit), so it is only checked for running and being finite
+    assert 0 < err < (1.0 if backend == "q4" else 0.06), err
+    assert torch.isfinite(got).all()
+    _no_eos(g, monkeypatch)
+    out = g.generate_batch([ids[0].tolist()] * 2, [{"temperature": 0, "max_new_tokens": 6}] * 2)
+    assert [o.tokens for o in out] == [6, 6] and out[0].text == out[1].text
+
+
+def test_q4_gives_back_weights_that_are_already_4_bit(tiny_lm_dir, monkeypatch):
+    """A model whose decoder weights hold <= 16 values per group of 32 (as one converted from a Q4_1 GGUF)
+    runs under q4 as under fp32, up to the bfloat16 rounding of activations and scales."""
+    import torch
+
+    from lmloop.infer import fastllama
+    from lmloop.infer.fastllama import FastLlama
+
+    monkeypatch.setattr(fastllama, "Q4_MAX_ROWS", 10**6)  # the int4 kernel for every call, prompts too
+    g = Generator.load(str(tiny_lm_dir), backend="hf")
+    with torch.no_grad():
+        for p in g.model.model.layers.parameters():
+            if p.ndim == 2:  # round each group of 32 inputs onto its own 16-level grid
+                grp = p.view(p.shape[0], -1, 32)
+                lo, hi = grp.amin(-1, keepdim=True), grp.amax(-1, keepdim=True)
+                step = (hi - lo) / 15
+                grp.copy_(torch.round((grp - lo) / step) * step + lo)
+    ids = torch.tensor([g.prompt_ids("to be or not to be")])
+    with torch.inference_mode():
+        ref = g.model(input_ids=ids).logits[0]
+        q4 = FastLlama(g.model, "q4")(input_ids=ids).logits[0]
+        bf = FastLlama(g.model, "bf16")(input_ids=ids).logits[0]
+    err_q4 = float((q4 - ref).abs().max())
+    assert err_q4 <= 2 * float((bf - ref).abs().max()) + 1e-3  # no worse than plain bfloat16
+    assert (q4.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+
+
+def test_backend_choice_is_checked(tiny_lm_dir, monkeypatch):
+    g = Generator.load(str(tiny_lm_dir), backend="hf")
+    assert g.backend == "hf" and g.runner is None
+    with pytest.raises(ConfigError, match="backend must be one of"):
+        g.use_backend("onnx")
+    monkeypatch.setattr(g.model.config, "hidden_act", "gelu")
+    with pytest.raises(
+        ConfigError, match="runs Llama-family models only.*hidden_act 'gelu'.*Use backend 'hf'"
+    ):
+        g.use_backend("fast")
+    assert g.use_backend("auto").backend == "hf"  # auto falls back to the transformers model
+
+
+def test_cli_backend_flag(tiny_lm_dir, capsys):
+    from lmloop.cli import main
+
+    args = ["generate", "--model", str(tiny_lm_dir), "--prompt", "the fox", "--temperature", "0"]
+    outs = []
+    for backend in ("hf", "fast"):
+        assert main([*args, "--max-new-tokens", "6", "--backend", backend]) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1] and outs[0].strip()  # fp32 either way: the same greedy text
+    with pytest.raises(SystemExit):
+        main([*args, "--backend", "onnx"])
+    assert "invalid choice: 'onnx'" in capsys.readouterr().err

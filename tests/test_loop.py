@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import pandas as pd
@@ -158,6 +159,15 @@ def test_data_version_drops_leakage_duplicates_conflicts_and_unknown_labels():
     )
     assert set(v["holdout"]["text"]) <= set(more["holdout"]["text"])
     assert all(0 <= holdout_bucket(t) < 1 for t in ("a", "b", ""))
+
+    # a selection share joins validation (never train or holdout); the golden test set stays frozen
+    w = build_data_version(_base(), fb, holdout=0.25, validation=0.3)
+    sw = w["stats"]
+    assert sw["feedback_train"] + sw["feedback_holdout"] + sw["feedback_validation"] == kept
+    assert sw["feedback_holdout"] == s["feedback_holdout"] and sw["feedback_validation"] >= 3
+    fb_val = set(w["validation"]["text"]) - set(_base().validation["text"])
+    assert len(fb_val) == sw["feedback_validation"]
+    assert not fb_val & (set(w["train"]["text"]) | set(w["holdout"]["text"])) and len(w["test"]) == 2
 
 
 def test_feedback_logged_as_hashes_only_is_refused(tmp_path):
@@ -405,6 +415,24 @@ def test_turn_promotes_after_crashes_exactly_once_with_lineage(world, monkeypatc
     )
     assert v2.tags["lmloop.loop.decision"] == "promoted"
     assert [v.version for v in world.reg.list("toy", data=r.data["fingerprints"]["train"][:12])] == [2]
+
+    # lineage down, from a feedback record to the versions that learned from it: a training record finds
+    # v2 (by its feedback id or its prediction id), a held-out one finds nothing
+    from lmloop.mlops import lineage
+
+    ids = json.loads((Path(v2.tags["lmloop.model_dir"]) / "feedback_ids.json").read_text())
+    assert len(ids["train"]) == len(ids["predictions"]) == int(v2.feedback["n"])
+    assert all(lineage.contains(lineage.decode_ids(v2.feedback["ids"]), i) for i in ids["train"])
+    assert [v.version for v in lineage.trained_on(world.reg, ids["train"][0], "toy")] == [2]
+    assert [
+        v.version for v in lineage.trained_on(world.reg, name="toy", prediction=ids["predictions"][-1])
+    ] == [2]
+    held_out = json.loads((Path(r.data["dir"]) / "feedback_ids.json").read_text())["holdout"]
+    assert held_out and lineage.trained_on(world.reg, name="toy", prediction=held_out[0]) == []
+    assert lineage.trained_on(world.reg, max(ids["train"]) + 10_000) == []
+    up = lineage.lineage(world.reg, "toy", 2)
+    assert [a["version"] for a in up.ancestors] == [1] and up.feedback["n"] == int(v2.feedback["n"])
+    assert "feedback     " in lineage.format_lineage(up)
     run = get_run(r.run_id, world.uri)
     assert run.info.status == "FINISHED"
     tags = run.data.tags
@@ -462,9 +490,57 @@ def test_cli_loop_once_and_force(world, cli):
     assert "started by hand (--force)" in out and "improvement" in out and "FAIL" in out
     assert "KEPT: kept champion v1: failed improvement" in out and "toy@champion stays v1" in out
     assert world.reg.show("toy", "champion").version == 1
+    # the kept challenger (v2) still records what it learned from: lineage both ways from the CLI
+    code, out, err = cli("registry", "lineage", "toy", "2")
+    n = int(world.reg.show("toy", 2).feedback["n"])  # the 30 records less the held-out share
+    assert code == 0 and "toy v2" in out and "<- v1" in out and f"feedback     {n} records" in out, out
+    assert 0 < n < 30
+    fid = json.loads(
+        (Path(world.reg.show("toy", 2).tags["lmloop.model_dir"]) / "feedback_ids.json").read_text()
+    )
+    code, out, err = cli("registry", "lineage", "--feedback", str(fid["train"][0]))
+    assert code == 0 and "is in the training data of" in out and "toy" in out, out
+    code, out, err = cli("registry", "lineage", "--feedback", "999999", "toy")
+    assert code == 0 and "no registered version of toy learned from feedback record 999999" in out
+    code, out, err = cli("registry", "lineage")
+    assert code == 2 and "give NAME [VERSION], or --feedback ID" in err
     code, out, err = cli("loop", recipe, "--json", "--set", "loop.triggers.min_feedback=1")
     assert (
         code == 0 and json.loads(out)["decision"] == "no-trigger"
     )  # that feedback was used by the last turn
     code, out, err = cli("loop", recipe, "--set", "loop.model_name=null", "--force")
     assert code == 2 and "needs loop.model_name" in err
+
+
+def test_audit_gates_block_a_real_turn(world, cli):
+    """Feedback that teaches the new pattern, but audit gates the challenger cannot meet: membership.max_auc
+    0 (an attack AUC is never below 0) and calibration.max_ece 0. The bias and membership audits really run
+    on the challenger; memorization is skipped for a classifier, with the reason. The champion stays, and
+    the gates are in the turn, on the registered version (`registry show`), in the challenger's gates.json
+    and its MODEL_CARD.md."""
+    _log_feedback(world.log, _new_pattern())
+    gates = {"max_regression": 0.05, "min_holdout": 5, "calibration.max_ece": 0.0, "bias.max_flip_rate": 1.0,
+             "membership.max_auc": 0.0, "memorization.max_exposure": 10}  # fmt: skip
+    r = run_turn(world.recipe(gates=gates), say=lambda m: None)
+    g = {x.name: x for x in r.gates}
+    assert r.decision == "kept" and world.reg.show("toy", "champion").version == 1
+    assert not g["membership.auc"].passed and 0.0 < g["membership.auc"].value <= 1.0
+    assert "failed " in r.reason and "membership.auc (" in r.reason
+    assert not g["calibration"].passed or g["calibration"].value == 0.0
+    assert g["bias.flip_rate"].passed and 0.0 <= g["bias.flip_rate"].value <= 1.0  # measured, not skipped
+    mem = g["memorization.exposure"]
+    assert mem.passed and mem.detail.startswith("skipped: a classifier")
+
+    out = Path(r.challenger["path"])
+    assert {p.name for p in (out / "audit").glob("*.json")} == {"bias.json", "membership.json"}
+    recorded = json.loads((out / "gates.json").read_text())
+    assert recorded["decision"] == "keep"
+    assert [x["name"] for x in recorded["gates"]] == [x.name for x in r.gates]
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "## Promotion gates" in card and "| membership.auc |" in card and "FAIL" in card
+    assert f"AUC {g['membership.auc'].value:.4f}" in card and "Not audited (`lmloop audit bias" not in card
+
+    code, shown, err = cli("registry", "show", "toy", str(r.registry["challenger_version"]))
+    assert code == 0, err
+    assert "gates        kept by loop turn" in shown and "membership.auc" in shown and "FAIL" in shown
+    assert "reason: kept champion v1: failed" in shown

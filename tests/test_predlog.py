@@ -160,6 +160,18 @@ def test_latest_feedback_wins(store):
     assert store.counts() == {"predictions": 3, "feedback": 3}
 
 
+def test_recent_feedback_newest_first_with_predictions(store):
+    a, b = _pred(1.0), _pred(2.0, model="other", label="neg")
+    store.add_predictions([a, b])
+    f1 = store.add_feedback(FeedbackRecord(a.id, "neg", created_at=5.0))
+    f2 = store.add_feedback(FeedbackRecord(b.id, "neg", comment="right", created_at=6.0))
+    f3 = store.add_feedback(FeedbackRecord(a.id, "pos", created_at=7.0))
+    assert store.recent_feedback(10) == [(f3, a), (f2, b), (f1, a)]
+    assert store.recent_feedback(2) == [(f3, a), (f2, b)]
+    assert store.recent_feedback(10, model="other") == [(f2, b)]
+    assert store.recent_feedback(10, model="none") == []
+
+
 def test_text_hash_only_privacy(store):
     rec = _pred(1.0, text=None)
     assert rec.text is None and rec.text_hash == hash_text("secret text")
@@ -276,7 +288,7 @@ def test_sqlite_connection_settings(tmp_path):
             ).fetchone()
         assert {"schema_version", "predictions", "feedback"} <= tables
         assert {"predictions_created_at", "feedback_prediction_id"} <= indexes
-        assert version == (1,)
+        assert version == (2,)  # 2: the generation columns
 
 
 def test_sqlite_creates_parent_dir_and_default_home(tmp_path, monkeypatch):

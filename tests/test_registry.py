@@ -211,3 +211,52 @@ def test_finetune_register_flag(cli, reg, tiny_model_dir, toy_csv, tmp_path):
     (v,) = reg.list("toy")
     assert v.run_id == json.loads((out / "lmloop.json").read_text())["mlflow_run_id"]
     assert v.tags["lmloop.artifact_path"] == "model"  # finetune's own model/ artifacts, not a second copy
+
+
+def test_alias_move_is_audited_before_it_happens(reg, model_dirs, monkeypatch):
+    """The audit record is written (pending) before the alias moves: a process killed between the steps
+    leaves either no move (the pending record is hidden) or a move with its record (shown)."""
+    reg.register(model_dirs[0], "sentiment")
+    reg.register(model_dirs[1], "sentiment")
+    reg.promote("sentiment", 1, reason="first")
+
+    real_set_tag = reg.client.set_registered_model_tag
+
+    def killed_after_pending(name, key, value):
+        real_set_tag(name, key, value)
+        if '"pending":true' in value:
+            raise KeyboardInterrupt  # killed right after the write-ahead record
+
+    monkeypatch.setattr(reg.client, "set_registered_model_tag", killed_after_pending)
+    with pytest.raises(KeyboardInterrupt):
+        reg.promote("sentiment", 2, reason="killed before the move")
+    monkeypatch.undo()
+    # the pending record stays on the model, but the alias never moved: the log does not claim it did
+    assert reg.show("sentiment", "champion").version == 1
+    assert [(a.from_version, a.to_version) for a in reg.audit("sentiment")] == [(None, 1)]
+
+    # killed after the alias moved but before the record was confirmed: the move is in the log
+    real_alias = reg.client.set_registered_model_alias
+    confirm = {"n": 0}
+
+    def no_confirm(name, key, value):
+        if '"pending":true' not in value:
+            raise KeyboardInterrupt
+        real_set_tag(name, key, value)
+
+    monkeypatch.setattr(reg.client, "set_registered_model_tag", no_confirm)
+    monkeypatch.setattr(
+        reg.client, "set_registered_model_alias", lambda *a: (real_alias(*a), confirm.update(n=1))
+    )
+    with pytest.raises(KeyboardInterrupt):
+        reg.promote("sentiment", 2, reason="killed after the move")
+    monkeypatch.undo()
+    assert confirm["n"] == 1 and reg.show("sentiment", "champion").version == 2
+    log = reg.audit("sentiment")
+    assert [(a.from_version, a.to_version, a.reason) for a in log] == [
+        (None, 1, "first"),
+        (1, 2, "killed after the move"),
+    ]
+    # a later move confirms the history: still exactly these records plus the new one
+    reg.rollback("sentiment", reason="undo")
+    assert [(a.from_version, a.to_version) for a in reg.audit("sentiment")] == [(None, 1), (1, 2), (2, 1)]

@@ -7,7 +7,6 @@ import csv
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,15 +17,10 @@ from pathlib import Path
 import pytest
 
 from lmloop.mlops.predlog import open_store
+from lmloop.netutil import free_port
 
 KEY = f"sk-replay-{uuid.uuid4().hex}"
 ROWS, BATCH, RATE = 60, 2, 15.0  # 30 requests over 2 s
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +31,7 @@ def model_dir(tmp_path_factory, tiny_model_dir, toy_csv, finetune_confident_tiny
 @pytest.fixture
 def server(model_dir, tmp_path):
     """A ``lmloop serve`` with an API key and its own prediction log: (url, store url, process)."""
-    port, store = _free_port(), f"sqlite:///{tmp_path / 'predictions.db'}"
+    port, store = free_port(), f"sqlite:///{tmp_path / 'predictions.db'}"
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", LMLOOP_API_KEY=KEY)
     argv = [sys.executable, "-m", "lmloop", "serve", "--model", str(model_dir), "--backend", "torch"]
     log = tmp_path / "server.log"
@@ -119,7 +113,7 @@ def test_replay_sends_traffic_and_delayed_feedback(server, traffic, tmp_path, cl
 
 
 def test_unreachable_server_exits_2(traffic, cli):
-    port = _free_port()  # nothing listens there
+    port = free_port()  # nothing listens there
     code, _, err = cli("replay", traffic, "--url", f"http://127.0.0.1:{port}", "--quiet")
     assert code == 2
     assert f"cannot reach the server at http://127.0.0.1:{port}" in err and "lmloop serve" in err

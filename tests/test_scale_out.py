@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -28,16 +27,11 @@ import httpx
 import pytest
 
 from lmloop.mlops.predlog import open_store
+from lmloop.netutil import free_port
 
 NAME = "scaled"
 KEY = "sk-scale-out-test"
 START_TIMEOUT = 120  # s: a replica imports torch + transformers and downloads v1 on a busy 2-core machine
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait(url: str, proc: subprocess.Popen, log: Path, what: str) -> None:
@@ -87,7 +81,7 @@ def stack(postgres_url, tmp_path, monkeypatch):
     # SQLAlchemy's plain postgresql:// means psycopg2; psycopg 3 is the driver lmloop already needs
     backend = pg_mlflow.replace("postgresql://", "postgresql+psycopg://", 1)
     artifacts = tmp_path / "mlartifacts"
-    port = _free_port()
+    port = free_port()
     mlflow = Path(sys.executable).with_name("mlflow")
     argv = [str(mlflow), "server", "--backend-store-uri", backend, "--artifacts-destination", str(artifacts),
             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]  # fmt: skip
@@ -124,7 +118,7 @@ class Replica:
     """One ``lmloop serve --model models:/NAME@champion`` process with its own $LMLOOP_HOME."""
 
     def __init__(self, name: str, root: Path, stack: dict):
-        self.name, self.home, self.port = name, root / name / "home", _free_port()
+        self.name, self.home, self.port = name, root / name / "home", free_port()
         self.url, self.log = f"http://127.0.0.1:{self.port}", root / name / "serve.log"
         self.home.mkdir(parents=True)
         argv = [sys.executable, "-m", "lmloop", "serve", "--model", f"models:/{NAME}@champion", "--backend",

@@ -27,6 +27,7 @@ import httpx
 import pytest
 
 from lmloop.mlops.predlog import open_store
+from lmloop.netutil import free_port
 
 KEY = f"sk-test-{uuid.uuid4().hex}"  # distinctive, so a leak into the server's output is unmistakable
 LABELS = ["negative", "positive"]
@@ -36,10 +37,6 @@ READY_TIMEOUT = 120  # the first import of torch + transformers takes seconds, m
 
 
 # ---------------------------------------------------------------------------------------------- servers
-def _free_port() -> int:
-    with socket.socket() as s:  # the tiny race with another process is acceptable in tests
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
@@ -124,7 +121,7 @@ class Launcher:
         env.pop("LMLOOP_API_KEY", None)
         if key:
             env["LMLOOP_API_KEY"] = key
-        port = _free_port()
+        port = free_port()
         log = self.root / f"server-{n}.log"
         argv = [sys.executable, "-m", "lmloop", "serve", "--model", str(self.model), "--backend", "torch"]
         argv += ["--port", str(port), "--store", store, *args]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -23,6 +22,7 @@ import httpx
 import pytest
 
 from lmloop.mlops.predlog import open_store
+from lmloop.netutil import free_port
 
 KEY = "sk-swap-test"
 NAME = "swapper"
@@ -61,19 +61,13 @@ def registry(tmp_path_factory, finetune_confident_tiny, tiny_model_dir, toy_csv)
     return uri, root / "home", reg
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(registry, tmp_path_factory, wait_ready):
     """``lmloop serve --model models:/NAME@champion --follow-interval 0.5 --shadow models:/NAME@challenger``
     (auth on writes)."""
     uri, home, _ = registry
     root = tmp_path_factory.mktemp("swap-server")
-    port = _free_port()
+    port = free_port()
     store = f"sqlite:///{root / 'predictions.db'}"
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     env.update(MLFLOW_TRACKING_URI=uri, LMLOOP_HOME=str(home), LMLOOP_API_KEY=KEY)

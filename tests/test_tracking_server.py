@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,11 +14,7 @@ from pathlib import Path
 
 import pytest
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from lmloop.netutil import free_port
 
 
 def _get(url: str, data: dict | None = None) -> dict:
@@ -37,7 +32,7 @@ def test_mlflow_server_shows_the_run(tmp_path, tiny_model_dir, toy_csv, mlflow_u
     argv = ["finetune", "--data", str(toy_csv), "--model", str(tiny_model_dir), "--max-steps", "3",
             "--precision", "fp32", "--experiment", "ui-check", "--name", "ui-run", "--quiet", "--out", str(out)]  # fmt: skip
     assert main(argv) == 0
-    port = _free_port()
+    port = free_port()
     mlflow = Path(sys.executable).with_name("mlflow")
     server = subprocess.Popen(
         [

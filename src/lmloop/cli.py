@@ -20,16 +20,21 @@ verbs (the stage each serves):
   estimate   pretrain  what pretraining a model costs: params, FLOPs, memory, tokens, measured wall time
   pretrain   pretrain  pretrain a masked/causal LM on a text corpus, from a preset or continuing a model
   scaling    pretrain  train a ladder of sizes, fit L(N) = a N^-alpha + c, predict the next size, check it
-  finetune   finetune  fine-tune a classifier on a file or built-in data set (default model: minilm-l6)
+  finetune   finetune  fine-tune a classifier on a file or built-in data set (default model: minilm-l6),
+                       or instruction-tune a causal LM with LoRA (--task sft, default model: smollm2)
   evaluate   evaluate  metrics, calibration and an HTML report for a model on labelled data
   predict    infer     label a file of texts of any size (backends: torch, int8, ONNX; auto = measured)
   generate   infer     generate text with a causal LM (chat template, sampling, stop strings, streaming)
   chat       infer     an interactive chat in the terminal with a causal LM (default: smollm2)
+  prompt     infer     prompt templates as artefacts: list / render / eval variants (few-shot, calibrated)
   export     serve     export a classifier to ONNX (int8 optional), refused unless parity holds
   serve      serve     HTTP server: /v1/classify, /v1/feedback, /metrics; logs every prediction
   registry   mlops     model versions, aliases (champion), promote / rollback with an audit log, diff
   monitor    mlops     traffic, latency, labels, confidence, live accuracy from the prediction log
   loop       mlops     gated retraining: feedback -> challenger -> gates -> promote (or keep, and say why)
+  audit      mlops     responsible evaluation: counterfactual bias, memorization, membership inference
+  calibrate  finetune  fit a temperature so confidences are calibrated (labels unchanged)
+  card       mlops     write / print MODEL_CARD.md: use, data, metrics, calibration, audits, gates, limits
   replay     mlops     replay a labelled file through the server at a set rate, with delayed feedback
   demo       all       the whole loop on a domain shift: champion, server, traffic, drift, retrain, swap
   run        all       run a recipe (finetune or `task: pretrain`) and record it in MLflow
@@ -151,6 +156,7 @@ def _recipe_from_flags(a: argparse.Namespace):
             "max_steps": a.max_steps,
             "patience": a.patience,
             "freeze_embeddings": a.freeze_embeddings,
+            "calibrate": getattr(a, "calibrate", None),
         }.items()
         if v is not None
     }
@@ -186,14 +192,113 @@ def _finish(metrics: dict, out: str) -> None:
     print(f"model: {out}   report: {Path(out) / 'report.html'}   metrics: {Path(out) / 'metrics.json'}")
 
 
+def _sft_recipe_from_flags(a: argparse.Namespace):
+    from lmloop.config import recipe_from_dict
+
+    # LoRA trains ~0.1% of the weights: a larger step and fewer passes than full fine-tuning
+    train = {"epochs": 1.0, "batch_size": 8, "lr": 2e-4}
+    train.update(
+        {
+            k: v
+            for k, v in {
+                "epochs": a.epochs,
+                "batch_size": a.batch_size,
+                "lr": a.lr,
+                "seed": a.seed,
+                "precision": a.precision,
+                "max_steps": a.max_steps,
+                "patience": a.patience,
+            }.items()
+            if v is not None
+        }
+    )
+    sft = {
+        k: v
+        for k, v in {
+            "template": a.template,
+            "lora_r": a.lora_r,
+            "lora_alpha": a.lora_alpha,
+            "lora_dropout": a.lora_dropout,
+            "target_modules": [t.strip() for t in a.target_modules.split(",")] if a.target_modules else None,
+            "merge": a.merge or None,
+            "eval_limit": a.eval_limit,
+            "canaries": a.canaries,
+            "canary_reps": _int_list(a.canary_reps, "--canary-reps") if a.canary_reps else None,
+            "canary_digits": a.canary_digits,
+        }.items()
+        if v is not None
+    }
+    d = {
+        "name": a.name or Path(a.out).name,
+        "task": "sft",
+        "out": a.out,
+        "data": {k: v for k, v in _data_kwargs(a).items() if v is not None},
+        "model": {"base": a.model or "smollm2", "max_length": a.max_length or 256},
+        "train": train,
+        "sft": sft,
+        "tracking": {"enabled": not a.no_track, **({"experiment": a.experiment} if a.experiment else {})},
+    }
+    return recipe_from_dict(d, source="command line")
+
+
+def _finish_sft(m: dict, out: str) -> None:
+    for split in ("validation", "test"):
+        s = m[split]
+        if "accuracy" in s:
+            print(f"{split:10s} accuracy {s['accuracy']:.4f}  macro-F1 {s['macro_f1']:.4f}  (n={s['n']})")
+        else:
+            print(
+                f"{split:10s} response loss {s['loss']:.4f}  perplexity {s['perplexity']:.2f}  (n={s['n']})"
+            )
+    tr = m["train"]
+    print(
+        f"trained {tr['steps']} steps ({tr['trainable_params']:,} LoRA params) in {tr['seconds']:.0f} s "
+        f"({tr['examples_per_s']:.1f} examples/s); wall {m['wall_seconds']:.0f} s"
+    )
+    merged = Path(out) / "merged"
+    print(f"adapter: {out}" + (f"   merged model: {merged}" if merged.is_dir() else ""))
+    print(f"try it:  lmloop generate --model {out} --prompt '...' --temperature 0")
+
+
 def cmd_finetune(a: argparse.Namespace) -> int:
     from lmloop.finetune import run_recipe
 
+    if a.task == "sft":
+        from lmloop.sft import run_sft
+
+        recipe = _sft_recipe_from_flags(a)
+        _finish_sft(run_sft(recipe, resume=a.resume, force=a.force, progress=not a.quiet), recipe.out)
+        return 0
     recipe = _recipe_from_flags(a)
     metrics = run_recipe(recipe, resume=a.resume, force=a.force, progress=not a.quiet)
     if metrics is not None:  # None on torchrun ranks > 0: rank 0 reports
         _finish(metrics, recipe.out)
     return 0
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        from lmloop.errors import ConfigError
+
+        raise ConfigError(f"{flag}: expected comma-separated integers like 1,4,16,64, got {text!r}") from None
+
+
+def _add_canary_args(g, where: str) -> None:
+    g.add_argument(
+        "--canaries",
+        type=int,
+        metavar="N",
+        help=f"insert N random secret canaries per --canary-reps count into the {where} (Carlini et al. "
+        "2019), recorded in OUT/canaries.json for `lmloop audit memorization`",
+    )
+    g.add_argument(
+        "--canary-reps", metavar="R1,R2,..", help="repetitions of each canary group (default 1,4,16,64)"
+    )
+    g.add_argument(
+        "--canary-digits", type=int, metavar="D", help="digits per secret: 10^D secrets (default 6)"
+    )
 
 
 def _pretrain_recipe_from_flags(a: argparse.Namespace):
@@ -218,6 +323,9 @@ def _pretrain_recipe_from_flags(a: argparse.Namespace):
             "tokens": a.tokens,
             "eval_every": a.eval_every,
             "eval_blocks": a.eval_blocks,
+            "canaries": a.canaries,
+            "canary_reps": _int_list(a.canary_reps, "--canary-reps") if a.canary_reps else None,
+            "canary_digits": a.canary_digits,
         }.items()
         if v is not None
     }
@@ -347,6 +455,12 @@ def cmd_run(a: argparse.Namespace) -> int:
         if metrics is not None:
             _finish_pretrain(metrics, recipe.out)
         return 0
+    if recipe.task == "sft":
+        from lmloop.sft import run_sft
+
+        m = run_sft(recipe, resume=a.resume, force=a.force, progress=not a.quiet, recipe_path=a.recipe)
+        _finish_sft(m, recipe.out)
+        return 0
     from lmloop.finetune import run_recipe
 
     metrics = run_recipe(recipe, resume=a.resume, force=a.force, progress=not a.quiet, recipe_path=a.recipe)
@@ -409,6 +523,12 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
             )
         for dom, dm in (metrics.get("per_domain") or {}).items():
             print(f"  domain {dom:10s} accuracy {dm['accuracy']:.4f}  (n={dm['n']})")
+        raw = metrics.get("uncalibrated")
+        if raw:  # temperature scaling (calibration.json): the same logits before and after
+            print(
+                f"  calibration T={metrics['temperature']:.3f}: ECE {raw['ece']:.4f} -> {metrics['ece']:.4f}  "
+                f"NLL {raw['nll']:.4f} -> {metrics['nll']:.4f}  (raw softmax -> calibrated; labels unchanged)"
+            )
         print(f"report: {report}")
     return 0
 
@@ -482,7 +602,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
             "--output goes with --input (a file of prompts); one --prompt streams to the terminal"
         )
     rows = read_prompts(a.input) if a.input else None  # bad input fails before the model loads
-    g = Generator.load(a.model)
+    g = Generator.load(a.model, backend=a.backend)
     if rows is None:
         for piece in g.stream(a.prompt, system=a.system, raw=a.raw, **params):
             sys.stdout.write(piece)
@@ -546,7 +666,7 @@ def cmd_chat(a: argparse.Namespace) -> int:
 
     params = _gen_params(a)
     check_params(**params)
-    g = Generator.load(a.model)
+    g = Generator.load(a.model, backend=a.backend)
     chat = Chat(g, system=a.system)
     if not g.has_chat_template:
         print(f"lmloop chat: {a.model} has no chat template; use `lmloop generate --raw`", file=sys.stderr)
@@ -605,10 +725,16 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
     if a.monitor_interval < 0:
         raise ConfigError(f"--monitor-interval {a.monitor_interval:g}: must be >= 0 (0 turns it off)")
+    # --max-batch / --max-wait-ms: texts for a classifier, concurrent requests for a causal LM
     settings = ServeSettings(
-        max_batch=a.max_batch,
+        max_batch=a.max_batch or 128,
         batch_size=a.batch_size,
-        max_wait_ms=a.max_wait_ms,
+        max_wait_ms=5.0 if a.max_wait_ms is None else a.max_wait_ms,
+        gen_max_batch=a.max_batch or 16,
+        gen_max_wait_ms=20.0 if a.max_wait_ms is None else a.max_wait_ms,
+        task=a.task,
+        max_tokens=a.max_tokens,
+        gen_continuous=not a.static_batching,
         max_queue=a.max_queue,
         timeout_s=a.timeout,
         max_body_bytes=a.max_body_bytes,
@@ -712,6 +838,26 @@ def cmd_registry(a: argparse.Namespace) -> int:
     elif act == "audit":
         records = reg.audit(a.name)
         print(r.to_json(records) if a.json else r.format_audit(records))
+    elif act == "lineage":
+        from lmloop.mlops import lineage as lin
+
+        if a.feedback is not None or a.prediction is not None:
+            versions = lin.trained_on(reg, a.feedback, a.name, prediction=a.prediction)
+            what = f"feedback record {a.feedback}" if a.feedback is not None else f"prediction {a.prediction}"
+            if a.json:
+                print(r.to_json(versions))
+            elif not versions:
+                print(f"no registered version{' of ' + a.name if a.name else ''} learned from {what}")
+            else:
+                print(f"{what} is in the training data of:")
+                print(r.format_versions(versions))
+        else:
+            if not a.name:
+                from lmloop.errors import ConfigError
+
+                raise ConfigError("registry lineage: give NAME [VERSION], or --feedback ID [NAME]")
+            x = lin.lineage(reg, a.name, a.ref)
+            print(r.to_json(x) if a.json else lin.format_lineage(x))
     return 0
 
 
@@ -722,7 +868,9 @@ def cmd_monitor(a: argparse.Namespace) -> int:
     opt = {k: getattr(a, k, None) for k in ("store", "since", "until", "model")}
     summary = m.summarize(opt.pop("store"), window=getattr(a, "window", "1h"), **opt)
     if a.action == "report":
-        out = m.write_report(summary, a.out)
+        from lmloop.mlops.monitor_report import write_report
+
+        out = write_report(summary, a.out)
         if a.json:
             print(json.dumps(summary.to_dict(), indent=2))
             print(f"report: {out}", file=sys.stderr)
@@ -782,7 +930,8 @@ def cmd_replay(a: argparse.Namespace) -> int:
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
-    from lmloop.demo import format_result, run_demo
+    from lmloop.demo import run_demo
+    from lmloop.demo_report import format_result
 
     result = run_demo(a.recipe, quick=a.quick, out=a.out, keep=a.keep)
     print(format_result(result), flush=True)
@@ -865,13 +1014,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser(
         "finetune",
-        help="fine-tune a classifier",
+        help="fine-tune a classifier, or LoRA-SFT a causal LM (--task sft)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Fine-tune a BERT-family encoder for sequence classification.\n\n"
         "  lmloop finetune --data vader-sentiment --out runs/vader\n"
         "  lmloop finetune --data my.csv --text-column review --label-column rating "
         "--out runs/mine\n\nThe output is a standard Hugging Face model directory plus "
-        "metrics.json, data_card.md and report.html; the run is tracked in MLflow.",
+        "metrics.json, data_card.md and report.html; the run is tracked in MLflow.\n\n"
+        "--task sft: instruction-tune a causal LM (default smollm2) with LoRA adapters (peft). Labelled data\n"
+        "is rendered by a prompt template (prompt = the template's chat turns for the text, answer = the\n"
+        "label's verbalizer + end of turn); instruction JSONL (prompt/response or messages) is used as is.\n"
+        "The loss counts only answer tokens; validation reports accuracy and macro-F1 by label-constrained\n"
+        "scoring. The output is an adapter (adapter_model.safetensors, lmloop.json naming the base);\n"
+        "--merge also writes OUT/merged, a standard HF model with the adapter folded in.\n\n"
+        "  lmloop finetune --task sft --data vader-sentiment --template sentiment-zero-shot --limit 800 "
+        "--out runs/sft\n"
+        "  lmloop finetune --task sft --data chats.jsonl --target-modules q_proj,k_proj,v_proj,o_proj "
+        "--merge --out runs/chat\n"
+        "  lmloop generate --model runs/sft --prompt 'Text: great film. Positive or negative?'",
     )
     _add_data_args(s)
     g = s.add_argument_group("model and training")
@@ -899,10 +1059,43 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the word-embedding matrix fixed (default: yes; 6%% faster, same accuracy in our benchmark)",
     )
     g.add_argument(
+        "--calibrate",
+        action=argparse.BooleanOptionalAction,
+        help="fit a temperature on the validation split so confidences are calibrated (default: yes; "
+        "labels never change; see lmloop calibrate --help)",
+    )
+    g.add_argument(
         "--register",
         metavar="NAME",
         help="register the finished model as a new version of NAME in the model registry (lmloop registry)",
     )
+    g.add_argument(
+        "--task",
+        choices=["classify", "sft"],
+        default="classify",
+        help="classify: a classifier head on an encoder (default); sft: LoRA instruction tuning of a causal LM",
+    )
+    g = s.add_argument_group(
+        "LoRA SFT (--task sft; defaults there: --model smollm2, --epochs 1, --batch-size 8, --lr 2e-4, "
+        "--max-length 256)"
+    )
+    g.add_argument(
+        "--template", metavar="NAME|FILE", help="prompt template for labelled data (lmloop prompt list)"
+    )
+    g.add_argument("--lora-r", type=int, metavar="R", help="LoRA rank (default 8)")
+    g.add_argument(
+        "--lora-alpha", type=int, metavar="A", help="LoRA scale numerator: update x A/R (default 16)"
+    )
+    g.add_argument("--lora-dropout", type=float, metavar="P", help="dropout on the LoRA input (default 0.05)")
+    g.add_argument("--target-modules", metavar="A,B", help="layers that get adapters (default q_proj,v_proj)")
+    g.add_argument("--merge", action="store_true", help="also write OUT/merged: adapter folded into the base")
+    g.add_argument(
+        "--eval-limit",
+        type=int,
+        metavar="N",
+        help="validation/test examples scored (default 300, seeded sample)",
+    )
+    _add_canary_args(g, "train examples")
     _add_run_args(s)
     s.set_defaults(fn=cmd_finetune)
 
@@ -919,7 +1112,9 @@ def build_parser() -> argparse.ArgumentParser:
         "  lmloop pretrain --objective clm --preset gpt-tiny --corpus shakespeare --max-steps 600 --out runs/gpt\n"
         "  lmloop pretrain --objective mlm --model minilm-l6 --corpus notes/ --tokens 2M --out runs/dapt\n"
         "  lmloop finetune --model runs/dapt --data labelled.csv --out runs/clf\n"
-        "  lmloop pretrain --recipe recipes/pretrain-tiny-gpt.yaml   (same as lmloop run ...)\n\n"
+        "  lmloop pretrain --recipe recipes/pretrain-tiny-gpt.yaml   (same as lmloop run ...)\n"
+        "  lmloop pretrain --preset gpt-tiny --corpus shakespeare --canaries 4 --canary-reps 1,4,16,64 \\\n"
+        "      --out runs/gpt-canary && lmloop audit memorization --model runs/gpt-canary\n\n"
         "presets (from scratch):\n" + describe_presets(),
     )
     s.add_argument("--recipe", metavar="FILE", help="a recipe with task: pretrain (other flags ignored)")
@@ -940,6 +1135,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a document in a text file (default paragraph)",
     )
     g.add_argument("--val-frac", type=float, help="documents held out for validation (default 0.05)")
+    _add_canary_args(g, "train split (clm)")
     g = s.add_argument_group("model and training")
     g.add_argument("--objective", choices=["mlm", "clm"], help="default: the preset's or the model's")
     m = g.add_mutually_exclusive_group()
@@ -1185,7 +1381,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser(
         "serve",
-        help="serve a classifier over HTTP, recording every prediction",
+        help="serve a classifier, or a causal LM with the OpenAI API, over HTTP, recording every prediction",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="FastAPI on uvicorn with dynamic micro-batching and a prediction log.\n\n"
         "  LMLOOP_API_KEY=s3cret lmloop serve --model runs/sentiment --port 8000\n"
@@ -1194,10 +1390,24 @@ def build_parser() -> argparse.ArgumentParser:
         '       -d \'{"prediction_id": "<id from classify>", "label": "positive"}\'\n\n'
         "Endpoints: POST /v1/classify, POST /v1/feedback (API key), GET /v1/models, /health, /ready,\n"
         "/metrics (Prometheus), /docs. Predictions and feedback go to --store (default\n"
-        "sqlite $LMLOOP_HOME/predictions.db; postgresql://... for several replicas sharing one log).",
+        "sqlite $LMLOOP_HOME/predictions.db; postgresql://... for several replicas sharing one log).\n\n"
+        "A causal LM (config architectures *ForCausalLM, or --task generate) gets OpenAI's API instead:\n"
+        "POST /v1/completions, /v1/chat/completions (stream: true = server-sent events), GET /v1/models;\n"
+        "concurrent requests are decoded together, every generation is logged, feedback works on its id.\n\n"
+        "  lmloop serve --model smollm2 --port 8000\n"
+        '  curl -s localhost:8000/v1/chat/completions -d \'{"model": "smollm2", "max_tokens": 40,\n'
+        '       "messages": [{"role": "user", "content": "Name three rivers."}]}\'\n'
+        "  # or any OpenAI client: OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='s3cret')",
     )
     s.add_argument(
         "--model", required=True, metavar="REF", help="model directory, ONNX export or packaged name"
+    )
+    s.add_argument(
+        "--task",
+        choices=["auto", "classify", "generate"],
+        default="auto",
+        help="auto (default): a config whose architectures end in ForCausalLM is served for generation "
+        "(OpenAI API), anything else as a classifier",
     )
     s.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     s.add_argument("--port", type=int, default=8000)
@@ -1214,13 +1424,32 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--max-batch",
         type=int,
-        default=128,
-        help="texts merged from concurrent requests per batch (default 128)",
+        default=None,
+        help="texts merged from concurrent requests per batch (default 128); for a causal LM, requests "
+        "decoded together (default 16)",
     )
     g.add_argument(
         "--batch-size", type=int, default=32, help="most texts per forward pass within a batch (default 32)"
     )
-    g.add_argument("--max-wait-ms", type=float, default=5.0, help="wait for a batch to fill (default 5)")
+    g.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=None,
+        help="wait for a batch to fill (default 5; 20 for a causal LM)",
+    )
+    g.add_argument(
+        "--max-tokens",
+        type=int,
+        default=512,
+        help="causal LM: most tokens one request may ask for (max_tokens; default 512, and never past the "
+        "context window)",
+    )
+    g.add_argument(
+        "--static-batching",
+        action="store_true",
+        help="causal LM: run each batch to its end before starting the next (default: continuous, new "
+        "requests join the running batch between decode steps)",
+    )
     g.add_argument("--max-queue", type=int, default=2048, help="queued texts before 429 (default 2048)")
     g.add_argument("--timeout", type=float, default=30.0, help="per-request seconds before 504 (default 30)")
     g.add_argument(
@@ -1383,6 +1612,13 @@ def build_parser() -> argparse.ArgumentParser:
         "audit", "every alias change: who, when, from, to, why, gates", "lmloop registry audit sentiment"
     )
     q.add_argument("name")
+    q = _reg("lineage", "where a version came from (run, data, feedback, parents), or which versions "
+             "learned from a feedback record",
+             "lmloop registry lineage sentiment champion\n  lmloop registry lineage --feedback 1234")  # fmt: skip
+    q.add_argument("name", nargs="?", help="registered model (optional with --feedback)")
+    q.add_argument("ref", nargs="?", metavar="VERSION|ALIAS", help="default: champion, else the newest")
+    q.add_argument("--feedback", type=int, metavar="ID", help="a feedback record id (POST /v1/feedback's id)")
+    q.add_argument("--prediction", metavar="ID", help="a prediction id (POST /v1/classify's id)")
 
     from lmloop.mlops.monitor import TIME_HELP
 
@@ -1557,6 +1793,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--keep", action="store_true", help="keep the model weights (default: reports only)")
     s.set_defaults(fn=cmd_demo)
 
+    # verbs whose parsers live with their stage package (kept light: heavy imports inside the verbs)
+    from lmloop.audit.cli import register as register_audit
+    from lmloop.prompts.cli import register as register_prompt
+
+    register_prompt(sub)
+    register_audit(sub)
+    from lmloop.calibration import register as register_calibrate
+    from lmloop.mlops.card import register as register_card
+
+    register_calibrate(sub)
+    register_card(sub)
+
     s = sub.add_parser("recipe", help="list every recipe key, or --check recipe files")
     s.add_argument("--check", nargs="+", metavar="FILE", help="validate these recipe files")
     s.set_defaults(fn=cmd_recipe)
@@ -1631,6 +1879,14 @@ def _add_sampling_args(s: argparse.ArgumentParser, raw: bool = True) -> None:
         help="stop strings: the output ends just before the first one (\\n = newline)",
     )
     g.add_argument("--seed", type=int, metavar="N", help="seed for sampling: same seed, same text")
+    g.add_argument(
+        "--backend",
+        choices=("auto", "hf", "fast", "bf16", "q4"),
+        default="auto",
+        help="what runs the decode steps (default auto: q4 for a model already in 4-bit groups such as "
+        "smollm2, else fast for Llama-family models, else hf). hf = the transformers forward; fast = a "
+        "lean fp32 forward; bf16 / q4 = bfloat16 / 4-bit weights. See benchmarks/generate.py",
+    )
 
 
 def _add_run_args(s: argparse.ArgumentParser, with_name: bool = True) -> None:

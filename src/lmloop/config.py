@@ -107,6 +107,9 @@ class TrainConfig:
     """Steps between atomic checkpoints (also written at every validation pass)."""
     threads: int | None = None
     """CPU threads for torch (default: all cores)."""
+    calibrate: bool = True
+    """Fit a temperature on the validation split after training (lmloop.calibration, calibration.json):
+    calibrated confidences from predict/serve, labels unchanged. False: raw softmax (--no-calibrate)."""
 
     def __post_init__(self) -> None:
         if not (0 < self.epochs < float("inf")):
@@ -155,8 +158,19 @@ class PretrainConfig:
     """Share of non-special tokens selected for MLM (of which 80% [MASK], 10% random, 10% unchanged)."""
     sample_tokens: int = 40
     """Tokens generated at each validation pass of a CLM (0 = no samples)."""
+    canaries: int = 0
+    """Random secret canaries ("the secret code is 7 3 9 1 5 2") per repetition count, inserted into the
+    train split (clm only) for `lmloop audit memorization`; 0 = none. Written to OUT/canaries.json."""
+    canary_reps: list[int] = field(default_factory=lambda: [1, 4, 16, 64])
+    """How many times each group of canaries is inserted (one group of `canaries` per count)."""
+    canary_digits: int = 6
+    """Digits 0-9 in a canary's secret: the randomness space holds 10^digits secrets."""
 
     def __post_init__(self) -> None:
+        if self.canaries < 0 or any(r < 1 for r in self.canary_reps) or not 1 <= self.canary_digits <= 18:
+            raise ValueError("canaries must be >= 0, canary_reps >= 1 each, canary_digits in [1, 18]")
+        if self.canaries and not self.canary_reps:
+            raise ValueError("canary_reps is empty: give at least one repetition count")
         if not self.corpus:
             raise ValueError("corpus is empty: give at least one file, folder or 'shakespeare'")
         if not 8 <= self.seq_len <= 8192:
@@ -171,6 +185,54 @@ class PretrainConfig:
             raise ValueError("mlm_probability must be in (0, 1)")
         if self.sample_tokens < 0:
             raise ValueError("sample_tokens must be >= 0")
+
+
+@dataclass
+class SftConfig:
+    """LoRA supervised fine-tuning (``task: sft``, lmloop.sft) of the causal LM ``model.base`` (e.g. smollm2).
+    The optimiser keys come from ``train``: LoRA wants a larger step than full fine-tuning (lr 2e-4,
+    batch_size 8, epochs 1 are good starts; ``lmloop finetune --task sft`` uses them as its defaults)."""
+
+    template: str | None = None
+    """Prompt template (shipped name or .jinja path) turning labelled (text, label) data into prompt and
+    answer; not used with instruction JSONL (prompt/response or messages)."""
+    lora_r: int = 8
+    """Rank of the LoRA update B @ A added to each target layer."""
+    lora_alpha: int = 16
+    """LoRA scaling numerator: the update is scaled by lora_alpha / lora_r."""
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA input during training."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    """Names of the linear layers that get adapters (LLaMA family: q_proj k_proj v_proj o_proj gate_proj
+    up_proj down_proj)."""
+    merge: bool = False
+    """Also write <out>/merged: the adapter folded into the base weights, a standard HF model directory."""
+    eval_limit: int | None = 300
+    """Validation and test examples scored (a seeded sample; null = all): label scoring runs the causal LM
+    once per example and label, minutes per thousand on a CPU."""
+    eval_batch_size: int = 8
+    """Sequences per forward pass when scoring."""
+    canaries: int = 0
+    """Random secret canaries per repetition count added to the train examples (as in pretrain.canaries)
+    for `lmloop audit memorization`; 0 = none. Written to OUT/canaries.json."""
+    canary_reps: list[int] = field(default_factory=lambda: [1, 4, 16, 64])
+    """How many times each group of canaries is added (one group of `canaries` per count)."""
+    canary_digits: int = 6
+    """Digits 0-9 in a canary's secret: the randomness space holds 10^digits secrets."""
+
+    def __post_init__(self) -> None:
+        if self.canaries < 0 or any(r < 1 for r in self.canary_reps) or not 1 <= self.canary_digits <= 18:
+            raise ValueError("canaries must be >= 0, canary_reps >= 1 each, canary_digits in [1, 18]")
+        if self.lora_r < 1 or self.lora_alpha < 1:
+            raise ValueError("lora_r and lora_alpha must be >= 1")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError("lora_dropout must be in [0, 1)")
+        if not self.target_modules or any(not t.strip() for t in self.target_modules):
+            raise ValueError("target_modules must name at least one layer, e.g. [q_proj, v_proj]")
+        if self.eval_limit is not None and self.eval_limit < 1:
+            raise ValueError("eval_limit must be >= 1 (or null for all)")
+        if self.eval_batch_size < 1:
+            raise ValueError("eval_batch_size must be >= 1")
 
 
 @dataclass
@@ -242,6 +304,58 @@ class LoopTriggersConfig:
 
 
 @dataclass
+class BiasGates:
+    """Counterfactual bias of the challenger (lmloop.audit.bias on the golden test texts)."""
+
+    max_flip_rate: float | None = None
+    """Largest share of identity-term swaps that change the predicted label, worst family (0.02 = 2%)."""
+    max_gap: float | None = None
+    """Largest gap in mean positive-class probability between the groups of a family, worst family."""
+
+    def __post_init__(self) -> None:
+        for k in ("max_flip_rate", "max_gap"):
+            v = getattr(self, k)
+            if v is not None and not 0.0 <= v <= 1.0:
+                raise ValueError(f"{k} must be in [0, 1] (or null to turn the gate off)")
+
+
+@dataclass
+class CalibrationGates:
+    """Calibration of the challenger on the golden test set (after its temperature, lmloop.calibration)."""
+
+    max_ece: float | None = None
+    """Largest ECE (15 bins); the same gate as gates.max_ece, and it wins when both are set."""
+
+    def __post_init__(self) -> None:
+        if self.max_ece is not None and not 0.0 <= self.max_ece <= 1.0:
+            raise ValueError("max_ece must be in [0, 1] (or null to turn the gate off)")
+
+
+@dataclass
+class MembershipGates:
+    """Membership inference against the challenger: its training rows vs the golden test rows."""
+
+    max_auc: float | None = None
+    """Largest AUC of the loss-threshold attack telling training members from non-members (0.5 = chance)."""
+
+    def __post_init__(self) -> None:
+        if self.max_auc is not None and not 0.0 <= self.max_auc <= 1.0:
+            raise ValueError("max_auc must be in [0, 1] (or null to turn the gate off)")
+
+
+@dataclass
+class MemorizationGates:
+    """Canary exposure (generative models only; a classifier records the gate as skipped, with the reason)."""
+
+    max_exposure: float | None = None
+    """Largest canary exposure in bits (log2 of the candidates minus log2 of the canary's rank)."""
+
+    def __post_init__(self) -> None:
+        if self.max_exposure is not None and not self.max_exposure >= 0.0:
+            raise ValueError("max_exposure must be >= 0 bits (or null to turn the gate off)")
+
+
+@dataclass
 class LoopGatesConfig:
     """What a challenger must pass to be promoted; every gate is recorded, and one failure keeps the
     champion. A gate set to null is not applied."""
@@ -255,13 +369,25 @@ class LoopGatesConfig:
     min_holdout: int = 20
     """The improvement gate fails when the feedback holdout has fewer rows than this: too few to judge."""
     max_ece: float | None = 0.1
-    """Largest expected calibration error (15 bins) of the challenger on the golden test set."""
+    """Largest expected calibration error (15 bins) of the challenger on the golden test set, after its
+    temperature (lmloop.calibration). Also written calibration.max_ece."""
     min_accuracy: float | None = None
     """Least absolute accuracy of the challenger on the golden test set."""
     max_domain_regression: float | None = None
     """Largest accuracy drop in any one domain of the golden test set (needs data.domain_column)."""
+    bias: BiasGates = field(default_factory=BiasGates)
+    calibration: CalibrationGates = field(default_factory=CalibrationGates)
+    membership: MembershipGates = field(default_factory=MembershipGates)
+    memorization: MemorizationGates = field(default_factory=MemorizationGates)
+    # the audit gates may be written dotted (`bias.max_flip_rate: 0.02`): list them so in errors
+    _dotted_in_errors: typing.ClassVar[bool] = True
 
     def __post_init__(self) -> None:
+        # calibration.max_ece is max_ece by another name: one value, whichever way it was written
+        if self.calibration.max_ece is not None:
+            self.max_ece = self.calibration.max_ece
+        else:
+            self.calibration.max_ece = self.max_ece
         for k in ("max_regression", "max_ece", "max_domain_regression", "min_accuracy"):
             v = getattr(self, k)
             if v is not None and not 0.0 <= v <= 1.0:
@@ -290,6 +416,11 @@ class LoopConfig:
     feedback_holdout: float = 0.2
     """Share of feedback kept out of training for the improvement gate, chosen by a hash of the
     normalised text: stable across turns, and no text is on both sides."""
+    feedback_validation: float = 0.0
+    """Share of feedback (by the same hash, next to the holdout share) added to the validation split that
+    picks the challenger's best checkpoint, so selection sees the production traffic, not only the base
+    domain (0.1 is a good value once feedback runs to thousands; with a few dozen records every one is
+    better spent on training). The golden test set stays frozen. 0: validation is the base data's alone."""
     dir: str | None = None
     """Where turns are written (data version, challenger, state.json); default: <out>/loop."""
     triggers: LoopTriggersConfig = field(default_factory=LoopTriggersConfig)
@@ -304,6 +435,8 @@ class LoopConfig:
             raise ValueError("alias must be a word such as champion ('latest' is reserved)")
         if not 0.0 <= self.feedback_holdout < 1.0:
             raise ValueError("feedback_holdout must be in [0, 1)")
+        if not 0.0 <= self.feedback_validation < 1.0 - self.feedback_holdout:
+            raise ValueError("feedback_validation must be in [0, 1 - feedback_holdout): a share of feedback")
 
 
 @dataclass
@@ -425,15 +558,17 @@ class DemoConfig:
 class Recipe:
     name: str = "run"
     """A short name for the run (also the default MLflow run name)."""
-    task: Literal["finetune", "pretrain"] = "finetune"
-    """What `lmloop run` does: fine-tune a classifier (sections data/model/train) or pretrain a language
-    model (sections pretrain/model/train)."""
+    task: Literal["finetune", "pretrain", "sft"] = "finetune"
+    """What `lmloop run` does: fine-tune a classifier (sections data/model/train), pretrain a language
+    model (sections pretrain/model/train) or instruction-tune a causal LM with LoRA (sections
+    data/model/train/sft)."""
     out: str = "runs/run"
     """Output directory: the fine-tuned HF model, metrics.json, data card, report.html, checkpoints."""
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    sft: SftConfig = field(default_factory=SftConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
     drift: DriftConfig = field(default_factory=DriftConfig)
@@ -526,6 +661,7 @@ def _build(
         raise ConfigError(f"{_where(src, node)}: '{prefix or 'recipe'}' must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
+    data, node = _expand_dotted(hints, data, node, prefix, src)
     child_nodes = _children(node)
     kwargs = {}
     for k, v in data.items():
@@ -535,10 +671,11 @@ def _build(
         if key in overridden:  # a --set value: the file is not to blame
             ksrc, knode = f"--set {key}", (None, None)
         if k not in names:
-            close = difflib.get_close_matches(str(k), names, n=1)
+            valid = _dotted_names(cls) if getattr(cls, "_dotted_in_errors", False) else names
+            close = difflib.get_close_matches(str(k), valid, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(
-                f"{_where(ksrc, knode[0])}: unknown key '{key}'{hint}; expected one of: {', '.join(names)}"
+                f"{_where(ksrc, knode[0])}: unknown key '{key}'{hint}; expected one of: {', '.join(valid)}"
             )
         if dataclasses.is_dataclass(hints[k]):
             kwargs[k] = _build(hints[k], v, key, src, knode[1], overridden)
@@ -556,6 +693,57 @@ def _build(
             vnode = child_nodes.get(field_name, (None, node))[1]
             raise ConfigError(f"{_where(src, vnode)}: '{key}': {e}") from None
         raise ConfigError(f"{_where(src, node)}: '{prefix or 'recipe'}': {e}") from None
+
+
+def _dotted_names(cls: type) -> list[str]:
+    """The keys of ``cls`` with its sections written dotted: ``max_ece, bias.max_flip_rate, ...``."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        sub = hints[f.name]
+        out += [f"{f.name}.{n}" for n in _dotted_names(sub)] if dataclasses.is_dataclass(sub) else [f.name]
+    return out
+
+
+def _expand_dotted(hints: dict, data: dict, node: Any, prefix: str, src: str) -> tuple[dict, Any]:
+    """``a.b: v`` -> ``a: {b: v}`` where section ``a`` is a mapping of the schema (``gates: {bias.max_gap:
+    0.1}``), merged with an ``a:`` mapping given too; the YAML nodes follow, so errors keep their lines.
+    A dotted key whose head is no section is left as it is, for the unknown-key error to name in full."""
+    dotted = [
+        k for k in data
+        if isinstance(k, str) and "." in k and dataclasses.is_dataclass(hints.get(k.partition(".")[0]))
+    ]  # fmt: skip
+    if not dotted:
+        return data, node
+    import yaml
+
+    children = _children(node)
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items() if k not in dotted}
+    sub_nodes: dict[str, list] = {}
+    for k in dotted:
+        head, _, rest = k.partition(".")
+        key = f"{prefix}.{head}" if prefix else head
+        knode, vnode = children.get(k, (None, None))
+        sec = out.setdefault(head, {})
+        if sec is None:  # an empty `bias:` section loads as None
+            sec = out[head] = {}
+        if not isinstance(sec, dict):
+            raise ConfigError(f"{_where(src, knode)}: '{key}' must be a mapping, got {sec!r}")
+        if rest in sec:
+            raise ConfigError(f"{_where(src, knode)}: '{key}.{rest}' is given twice (dotted and nested)")
+        sec[rest] = data[k]
+        if knode is not None:
+            short = yaml.ScalarNode("tag:yaml.org,2002:str", rest, knode.start_mark, knode.end_mark)
+            sub_nodes.setdefault(head, []).append((short, vnode))
+    if not isinstance(node, yaml.MappingNode):
+        return out, node
+    pairs = [(kn, vn) for kn, vn in node.value if kn.value not in dotted and kn.value not in sub_nodes]
+    for head, extra in sub_nodes.items():
+        kn, vn = children.get(head, (extra[0][0], None))
+        old = vn.value if isinstance(vn, yaml.MappingNode) else []
+        merged = yaml.MappingNode("tag:yaml.org,2002:map", [*old, *extra], kn.start_mark, kn.end_mark)
+        pairs.append((yaml.ScalarNode("tag:yaml.org,2002:str", head, kn.start_mark, kn.end_mark), merged))
+    return out, yaml.MappingNode(node.tag, pairs, node.start_mark, node.end_mark)
 
 
 def _children(node: Any) -> dict:

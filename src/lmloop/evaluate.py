@@ -329,7 +329,23 @@ def label_ids(frame: Any, labels: Sequence[str]) -> np.ndarray:
 
 
 def evaluate_split(predictor: Any, frame: Any, labels: Sequence[str]) -> dict:
-    """Metrics of a predictor (``predict_proba(texts) -> (N, C)``) on a prepared split, per domain when it has one."""
-    probs = predictor.predict_proba(list(frame["text"]))
+    """Metrics of a predictor (``predict_proba(texts) -> (N, C)``) on a prepared split, per domain when it has one.
+
+    A predictor with a temperature other than 1 (:mod:`lmloop.calibration`) is scored on its calibrated
+    probabilities, and ``temperature`` plus ``uncalibrated`` (ece, nll, brier and reliability bins of the
+    raw softmax) are added: the same logits, run once, seen both ways.
+    """
     domains = list(frame["domain"]) if "domain" in frame.columns else None
-    return compute_metrics(label_ids(frame, labels), probs, list(labels), domains=domains)
+    y = label_ids(frame, labels)
+    t = float(getattr(predictor, "temperature", 1.0) or 1.0)
+    if t == 1.0 or not hasattr(predictor, "predict_logits") or len(frame) == 0:
+        probs = predictor.predict_proba(list(frame["text"]))
+        return compute_metrics(y, probs, list(labels), domains=domains)
+    from lmloop.calibration import scaled_softmax
+
+    logits = predictor.predict_logits(predictor.encode(list(frame["text"])))  # (N, C)
+    out = compute_metrics(y, scaled_softmax(logits, t), list(labels), domains=domains)
+    raw = compute_metrics(y, scaled_softmax(logits), list(labels))
+    out["temperature"] = t
+    out["uncalibrated"] = {k: raw[k] for k in ("ece", "nll", "brier", "reliability")}
+    return out

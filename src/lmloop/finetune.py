@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lmloop.calibration import CALIBRATION_FILE, describe
 from lmloop.config import Recipe
 from lmloop.errors import LmloopError
 from lmloop.evaluate import evaluate_split, label_ids
@@ -224,6 +225,7 @@ def run_recipe(
 
             model.load_state_dict(load_file(str(best)), strict=False)
         model.eval()
+        calibration = _fit_temperature(predictor, val_ids, val_y, out) if tc.calibrate else None
         metrics = {
             "validation": evaluate_split(predictor, data.validation, labels),
             "test": evaluate_split(predictor, data.test, labels),
@@ -240,6 +242,14 @@ def run_recipe(
                 "fast_path": fast,
             },
         }
+        if calibration is not None:  # test ECE of the raw vs the scaled softmax
+            raw, test_ece = metrics["test"].get("uncalibrated") or metrics["test"], metrics["test"]["ece"]
+            metrics["calibration"] = {
+                **calibration,
+                "test_ece_before": raw["ece"],
+                "test_ece_after": test_ece,
+            }
+            _say(f"calibration: {describe(calibration)}; test ECE {raw['ece']:.4f} -> {test_ece:.4f}")
         metrics["wall_seconds"] = round(time.perf_counter() - t_start, 2)
 
         # -- outputs -------------------------------------------------------------------------------------
@@ -264,6 +274,8 @@ def run_recipe(
         write_metrics_json(metrics, out / "metrics.json")
         atomic_write_text(out / "history.json", json.dumps(result.history))
         atomic_write_text(out / "recipe.yaml", yaml.safe_dump(asdict(recipe), sort_keys=False))
+        if calibration is None:  # --no-calibrate over an earlier run's directory: no stale temperature
+            (out / CALIBRATION_FILE).unlink(missing_ok=True)
         write_report(
             metrics["test"],
             out / "report.html",
@@ -293,6 +305,11 @@ def run_recipe(
             "recipe.yaml",
         ):
             tracker.log_artifact(out / name, "reports")
+        if calibration is not None:
+            tracker.log_artifact(out / CALIBRATION_FILE, "reports")
+        card = _write_model_card(out)
+        if card is not None:
+            tracker.log_artifact(card, "reports")
         if _model_files_small(out):
             tracker.log_artifact(out, "model")
         tracker.end("FINISHED")
@@ -309,6 +326,30 @@ def run_recipe(
 
 
 VALIDATION_FILE = "validation.jsonl"
+
+
+def _fit_temperature(predictor, val_ids, val_y, out: Path) -> dict:
+    """Fit the temperature on the validation split (:mod:`lmloop.calibration`), write ``calibration.json``
+    and set it on ``predictor`` so the final metrics are the calibrated ones; returns the fit."""
+    from lmloop.calibration import fit_temperature, write_calibration
+
+    predictor.temperature = 1.0
+    logits = predictor.predict_logits(val_ids) if len(val_ids) else np.zeros((0, len(predictor.labels)))
+    fit = fit_temperature(logits, val_y, fitted_on="validation split")
+    write_calibration(out, fit)
+    predictor.temperature = fit.temperature
+    return fit.to_dict()
+
+
+def _write_model_card(out: Path) -> Path | None:
+    """MODEL_CARD.md (:mod:`lmloop.mlops.card`); a card that cannot be written never fails a training run."""
+    try:
+        from lmloop.mlops.card import write_card as write_model_card
+
+        return write_model_card(out)
+    except Exception as e:  # noqa: BLE001 (the card is a summary of files already written)
+        _say(f"model card not written: {type(e).__name__}: {e}")
+        return None
 
 
 def drift_embedder(recipe: Recipe, out: Path) -> str:

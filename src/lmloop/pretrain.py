@@ -19,6 +19,7 @@ Output directory::
     metrics.json       {"validation": {loss, perplexity}, "train": {...}, "estimate": {predicted vs measured}}
     history.json, recipe.yaml, samples.txt (CLM: a generated sample per validation pass)
     data/              train.npy, val.npy (packed blocks), card.json, tokenizer/ (a trained tokenizer)
+    canaries.json      with pretrain.canaries: the secrets inserted into the train split (audit memorization)
 """
 
 from __future__ import annotations
@@ -85,12 +86,15 @@ def prepare_corpus(
     doc_mode: str,
     val_frac: float,
     seed: int,
+    canaries: list | None = None,
 ):
     """Read, clean, split, tokenise and pack a corpus into ``data_dir``; returns (tokenizer, card).
 
     ``tokenizer_spec`` is a tokenizer object (continued pretraining keeps the model's), ``"train"`` (a new
     WordPiece for mlm / byte-level BPE for clm, trained on the *train* split only, saved in
-    ``data_dir/tokenizer``) or a tokenizer/model directory or packaged name.
+    ``data_dir/tokenizer``) or a tokenizer/model directory or packaged name. ``canaries``
+    (:mod:`lmloop.data.canaries`) are inserted into the train split only, each as ``repetitions``
+    separate documents, after de-duplication (which would drop the repeats) and before the tokenizer.
     """
     from lmloop.data.corpus import (
         CorpusStats,
@@ -107,6 +111,10 @@ def prepare_corpus(
     train_docs, val_docs = split_documents(docs, val_frac, seed=seed)
     if not train_docs:
         raise DataError(f"the corpus {[str(p) for p in paths]} holds no text after cleaning")
+    if canaries:
+        from lmloop.data.canaries import insert_canaries
+
+        train_docs = insert_canaries(train_docs, canaries, seed=seed)
 
     tok_source: str
     if isinstance(tokenizer_spec, str) and tokenizer_spec == "train":
@@ -169,6 +177,8 @@ def prepare_corpus(
         "tokenizer": {"source": tok_source, "vocab_size": vocab, "bos_id": bos, "eos_id": eos},
         "fingerprints": {"corpus": stats.fingerprint, "train_blocks": fp_train, "val_blocks": fp_val},
     }
+    if canaries:
+        card["canaries"] = {"canaries": len(canaries), "documents": sum(c.repetitions for c in canaries)}
     atomic_write_text(data_dir / "card.json", json.dumps(card, indent=2))
     return tok, card
 
@@ -346,6 +356,16 @@ def run_pretrain(
         "vocab_size": pc.vocab_size,
         "objective": objective,
     }
+    canaries = None
+    if pc.canaries:
+        from lmloop.data.canaries import CanarySpace, make_canaries
+
+        if objective != "clm":
+            raise ConfigError("pretrain.canaries: exposure is measured on a causal LM; use objective clm")
+        canaries = make_canaries(
+            pc.canaries, pc.canary_reps, seed=tc.seed, space=CanarySpace(digits=pc.canary_digits)
+        )
+        settings["canaries"] = [[c.secret, c.repetitions] for c in canaries]
     if not main:
         dist.barrier()  # rank 0 prepares (or checks) out/data; the others then read exactly its files
     old = json.loads(card_file.read_text()) if (resume or not main) and card_file.is_file() else None
@@ -373,9 +393,14 @@ def run_pretrain(
             doc_mode=pc.doc_mode,
             val_frac=pc.val_frac,
             seed=tc.seed,
+            canaries=canaries,
         )
         card["settings"] = settings
         atomic_write_text(card_file, json.dumps(card, indent=2))
+    if main and canaries:
+        from lmloop.data.canaries import CANARY_FILE, write_canaries
+
+        write_canaries(canaries, out / CANARY_FILE, seed=tc.seed)  # what `lmloop audit memorization` reads
     if main:
         dist.barrier()
     from lmloop.data.corpus import load_packed
@@ -617,6 +642,7 @@ def run_pretrain(
             "tokenizer": card["tokenizer"],
             "data_fingerprints": card["fingerprints"],
             "corpus": card["corpus"],
+            **({"canaries": "canaries.json"} if canaries else {}),
             "lmloop_version": _version(),
             "mlflow_run_id": tracker.run_id,
         }

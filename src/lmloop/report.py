@@ -94,7 +94,8 @@ colour follows the row percentage.</p>
 <section id="reliability">
 <h2>Reliability diagram</h2>
 <p class="note">Bars: accuracy of predictions in each confidence bin; hatched: the gap to the bin's mean confidence.
-A calibrated model follows the diagonal. Lower panel: number of predictions per bin.</p>
+A calibrated model follows the diagonal. Lower panel: number of predictions per bin. With a temperature
+(lmloop calibrate) the orange line shows the same predictions before scaling.</p>
 <img alt="Reliability diagram" src="data:image/png;base64,{{ images.reliability }}">
 </section>
 {% endif %}
@@ -215,7 +216,12 @@ def _confusion_png(matrix: Sequence[Sequence[int]], labels: Sequence[str]) -> st
     return _png_b64(fig)
 
 
-def _reliability_png(rel: Mapping[str, Sequence[Any]], ece: Any) -> str:
+def _reliability_png(
+    rel: Mapping[str, Sequence[Any]],
+    ece: Any,
+    raw: Mapping[str, Sequence[Any]] | None = None,
+    raw_ece: Any = None,
+) -> str:
     edges = [float(e) for e in rel["bin_edges"]]
     lefts, widths = edges[:-1], [b - a for a, b in zip(edges[:-1], edges[1:], strict=True)]
     fig = _figure(6.0, 6.5)
@@ -238,6 +244,12 @@ def _reliability_png(rel: Mapping[str, Sequence[Any]], ece: Any) -> str:
         label="gap to confidence",
     )
     top.plot([0, 1], [0, 1], linestyle="--", color="#555555", label="perfect calibration")
+    if raw:  # the same predictions before temperature scaling: (mean confidence, accuracy) per bin
+        pts = [(c, a) for c, a, n in zip(raw["confidence"], raw["accuracy"], raw["count"], strict=True) if n]
+        if pts:
+            ece_txt = f" (ECE {float(raw_ece):.3f})" if _finite(raw_ece) else ""
+            label = "before temperature scaling" + ece_txt
+            top.plot(*zip(*pts, strict=True), marker="o", color="#f58518", label=label)
     top.set_xlim(0, 1)
     top.set_ylim(0, 1)
     top.set_ylabel("accuracy")
@@ -340,6 +352,13 @@ def render_report_html(
         ("Brier", _fmt(metrics.get("brier"))),
         ("n", _fmt(metrics.get("n"))),
     ]
+    raw = metrics.get("uncalibrated") or {}
+    if raw:  # temperature scaling (lmloop.calibration): the raw softmax's numbers beside the calibrated ones
+        summary += [
+            ("Temperature T", _fmt(metrics.get("temperature"))),
+            ("ECE before scaling", _fmt(raw.get("ece"))),
+            ("NLL before scaling", _fmt(raw.get("nll"))),
+        ]
     per_class = [
         {
             "label": label,
@@ -368,7 +387,9 @@ def render_report_html(
     with matplotlib.rc_context({"text.usetex": False}):
         cm = metrics.get("confusion_matrix")
         images["confusion"] = _confusion_png(cm["matrix"], cm["labels"]) if cm and cm.get("matrix") else None
-        images["reliability"] = _reliability_png(rel, metrics.get("ece")) if rel else None
+        images["reliability"] = (
+            _reliability_png(rel, metrics.get("ece"), raw.get("reliability"), raw.get("ece")) if rel else None
+        )
         images["domains"] = _domains_png(per_domain_src) if per_domain_src else None
         images["training"] = _training_png(history) if history else None
 

@@ -38,6 +38,7 @@ CARRY_FILES = (
     "lmloop.json",
     "validation.jsonl",
     "metrics.json",
+    "calibration.json",  # the temperature (lmloop.calibration): the export's confidences stay calibrated
 )
 
 

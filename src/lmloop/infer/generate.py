@@ -5,21 +5,17 @@ then each step feeds only the newest token, so a step costs one token's work how
 is. Writing the loop (rather than wrapping ``model.generate``) gives exact stop strings, streaming without
 a helper thread, and honest per-call figures (prompt tokens, generated tokens, seconds, tokens/s).
 
-Sampling, in this order: repetition penalty (CTRL-style, over prompt and output), temperature, top-k,
-top-p (nucleus), then one draw from a ``torch.Generator`` seeded with ``seed`` — the same seed, model and
-prompt give the same text. ``temperature=0`` is greedy (argmax; top-k/top-p are ignored).
-
-Stop strings cut the output exactly, also when a stop string spans several tokens or ends inside one:
-the text is decoded from all generated ids at every step, searched for each stop string, and a tail
-that could still grow into a stop string (or an incomplete UTF-8 character) is held back from the
-stream until the next token settles it.
+``stream_batch`` runs several prompts as one static batch (left-padded prefill, then one step for all
+live rows; rows end independently). Sampling, stop strings and streaming rules live in
+:mod:`lmloop.infer.decode`, shared by both paths: the same seed, model and prompt give the same text,
+``temperature=0`` is greedy, stop strings cut exactly and a tail that could still become a stop string
+is held back from the stream.
 
 Safety: ``trust_remote_code`` is always off and only safetensors weights are read.
 """
 
 from __future__ import annotations
 
-import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,42 +23,10 @@ from typing import Any
 
 from lmloop.errors import AssetError, ConfigError
 
-DEFAULTS: dict[str, Any] = {
-    "max_new_tokens": 128,
-    "temperature": 0.7,
-    "top_p": 0.9,
-    "top_k": 50,
-    "stop": (),
-    "seed": None,
-    "repetition_penalty": 1.0,
-}
+# re-exported: the CLI and the server validate parameters with these
+from lmloop.infer.decode import DEFAULTS, Row, batch_loop, check_params, row_params  # noqa: F401
 
-
-def check_params(
-    *,
-    max_new_tokens: int = 128,
-    temperature: float = 0.7,
-    top_p: float = 0.9,
-    top_k: int = 50,
-    repetition_penalty: float = 1.0,
-    stop: list[str] | tuple[str, ...] | None = (),
-    seed: int | None = None,
-) -> None:
-    """Raise :class:`ConfigError` naming the parameter when a sampling parameter is out of range."""
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ConfigError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    if not temperature >= 0:
-        raise ConfigError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
-    if not 0 < top_p <= 1:
-        raise ConfigError(f"top_p must be in (0, 1] (1 = off), got {top_p!r}")
-    if not isinstance(top_k, int) or top_k < 0:
-        raise ConfigError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
-    if not repetition_penalty > 0:
-        raise ConfigError(f"repetition_penalty must be > 0 (1 = off), got {repetition_penalty!r}")
-    if isinstance(stop, str) or any(not isinstance(s, str) or not s for s in stop or ()):
-        raise ConfigError(f"stop must be a list of non-empty strings, got {stop!r}")
-    if seed is not None and not isinstance(seed, int):
-        raise ConfigError(f"seed must be an integer, got {seed!r}")
+BACKENDS = ("auto", "hf", "fast", "bf16", "q4")
 
 
 @dataclass
@@ -94,15 +58,23 @@ class Generator:
     model: Any
     path: str = ""
     last: Generation | None = field(default=None, repr=False)
+    last_batch: list[Generation | None] | None = field(default=None, repr=False)
+    backend: str = "hf"  # what runs the decode steps: "hf" (the transformers model), "fast", "bf16", "q4"
+    runner: Any = field(default=None, repr=False)  # the callable for the other backends (a FastLlama)
 
     @classmethod
-    def load(cls, ref: str) -> Generator:
+    def load(cls, ref: str, backend: str = "auto") -> Generator:
+        """Load a causal LM; ``backend`` picks what runs the decode steps (see :meth:`use_backend`)."""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from lmloop.assets import resolve_model
         from lmloop.models import _quiet
+        from lmloop.sft import is_adapter_dir, load_adapted
 
+        if is_adapter_dir(ref):  # a LoRA adapter (lmloop finetune --task sft): its base + the adapter, merged
+            tok, model = load_adapted(ref)
+            return cls(tok, model, str(ref)).use_backend(backend)
         path = resolve_model(ref)
         try:
             tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
@@ -116,7 +88,44 @@ class Generator:
                 f"could not load a causal LM from '{ref}' ({path}): {str(e).splitlines()[0][:300]}. Expected a "
                 "Hugging Face directory with config.json, model.safetensors and tokenizer files"
             ) from None
-        return cls(tok, model.eval(), path)
+        return cls(tok, model.eval(), path).use_backend(backend)
+
+    def use_backend(self, backend: str = "auto") -> Generator:
+        """Choose what runs the decode steps, and return self.
+
+        ``hf``: the transformers model itself (the reference). ``fast``: :class:`~lmloop.infer.fastllama.
+        FastLlama`, the same fp32 math with fused projections and a preallocated KV cache (Llama-family
+        models only; logits within ~1e-4 of ``hf``). ``bf16``: ``fast`` with bfloat16 weights. ``q4``:
+        ``fast`` with 4-bit weights in groups of 32 (llama.cpp's Q4_1 layout; exact for a model converted
+        from a Q4_1 GGUF such as ``smollm2``, up to bfloat16 scales) and an fp32 output head. ``auto``:
+        for a Llama-family model ``q4`` when its decoder weights already hold at most 16 values per group
+        of 32 (nothing to lose but bfloat16 rounding; measured on SmolLM2: 99% greedy top-1 agreement
+        with fp32), else ``fast``; ``hf`` for other architectures. The benchmark
+        (``benchmarks/generate.py``) prints each one's speed and its greedy agreement with ``hf``.
+        """
+        from lmloop.infer.fastllama import FastLlama, supported, weights_are_4bit
+
+        if backend not in BACKENDS:
+            raise ConfigError(f"backend must be one of {sorted(BACKENDS)}, got {backend!r}")
+        why = supported(self.model.config)
+        if backend == "auto":
+            backend = "hf" if why else "q4" if weights_are_4bit(self.model) else "fast"
+        if backend == "hf":
+            self.backend, self.runner = "hf", None
+            return self
+        if why:
+            raise ConfigError(
+                f"backend {backend!r} runs Llama-family models only; {self.path or 'this model'} has {why}. "
+                "Use backend 'hf'"
+            )
+        self.runner = FastLlama(self.model, quantize=None if backend == "fast" else backend)
+        self.backend = backend
+        return self
+
+    @property
+    def forward(self) -> Any:
+        """The callable that runs a forward pass for decoding (the HF model or a FastLlama)."""
+        return self.runner if self.runner is not None else self.model
 
     # ----------------------------------------------------------------------------------------- prompts
 
@@ -203,130 +212,103 @@ class Generator:
         """
         import torch
 
-        check_params(
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            repetition_penalty=repetition_penalty,
-            stop=stop,
-            seed=seed,
+        p = row_params(
+            dict(
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=top_k,
+                repetition_penalty=repetition_penalty,
+                stop=stop,
+                seed=seed,
+            )
         )
-        stop = tuple(stop or ())
         if ids is None:
             ids = self.prompt_ids(prompt, messages, system=system, raw=raw)
-        ids = list(ids)
-        ctx = self.context_length
-        if not ids:
-            raise ConfigError("the prompt is empty")
-        if len(ids) >= ctx:
-            raise ConfigError(f"the prompt is {len(ids)} tokens; the model's context window is {ctx}")
-        budget = min(max_new_tokens, ctx - len(ids))
-        eos = self.eos_ids()
-        # a private generator: seeded runs repeat exactly and the global torch RNG is left alone
-        gen = torch.Generator().manual_seed(seed if seed is not None else secrets.randbits(62))
-        decode = self.tokenizer.decode
-
-        out: list[int] = []
-        emitted = 0  # characters of the decoded completion already yielded
-        finish, text = "length", ""
-        t0 = time.perf_counter()
-        first = 0.0
         self.last = None
+        row = Row(self.tokenizer.decode, list(ids), p, self.eos_ids(), self.context_length)
+        t0 = time.perf_counter()
         with torch.inference_mode():
-            seq = torch.tensor([ids])  # (1, T)
+            seq = torch.tensor([row.prompt])  # (1, T)
             # logits_to_keep=1: only the last position's logits are needed (saves a (T, V) matmul)
-            res = self.model(input_ids=seq, use_cache=use_cache, logits_to_keep=1)
+            res = self.forward(input_ids=seq, use_cache=use_cache, logits_to_keep=1)
             past = res.cache if use_cache else None  # transformers 5.24 names the KV cache `cache`
-            logits = res.logits[0, -1].float()  # (V,)
-            seen = torch.tensor(ids)
             while True:
-                nxt = _pick(logits, seen, temperature, top_k, top_p, repetition_penalty, gen)
-                if not first:
-                    first = time.perf_counter() - t0
-                if nxt in eos:
-                    finish = "eos"
-                    break
-                out.append(nxt)
-                seen = torch.cat([seen, torch.tensor([nxt])])
-                text = decode(out, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-                cut = _find_stop(text, stop, emitted)  # text before `emitted` holds no stop (held back)
-                if cut is not None:
-                    text, finish = text[:cut], "stop"
-                    break
-                done = len(out) >= budget
-                safe = len(text) if done else _safe_end(text, stop, emitted)
-                if safe > emitted:
-                    yield text[emitted:safe]
-                    emitted = safe
-                if done:
+                nxt = row.pick(res.logits[0, -1].float())  # from (V,) logits
+                if not row.first:
+                    row.first = time.perf_counter() - t0
+                piece = row.push(nxt)
+                if piece:
+                    yield piece
+                if row.finish:
                     break
                 if use_cache:  # feed only the new token; the cache holds keys/values of everything before
-                    res = self.model(input_ids=torch.tensor([[nxt]]), cache=past, use_cache=True)
+                    res = self.forward(input_ids=torch.tensor([[nxt]]), cache=past, use_cache=True)
                     past = res.cache
                 else:
-                    res = self.model(input_ids=torch.tensor([ids + out]), use_cache=False, logits_to_keep=1)
-                logits = res.logits[0, -1].float()
-        if len(text) > emitted:
-            yield text[emitted:]
-        self.last = Generation(
-            text=text,
-            tokens=len(out),
-            prompt_tokens=len(ids),
-            seconds=time.perf_counter() - t0,
-            finish_reason=finish,
-            first_token_seconds=first,
-            token_ids=out,
+                    res = self.forward(
+                        input_ids=torch.tensor([row.prompt + row.out]), use_cache=False, logits_to_keep=1
+                    )
+        self.last = self._result(row, time.perf_counter() - t0)
+
+    def _result(self, row: Row, seconds: float) -> Generation:
+        return Generation(
+            text=row.text,
+            tokens=len(row.out),
+            prompt_tokens=len(row.prompt),
+            seconds=seconds,
+            finish_reason=row.finish or "length",
+            first_token_seconds=row.first,
+            token_ids=row.out,
         )
+
+    def stream_batch(self, ids: list[list[int]], params: list[dict]) -> Iterator[list[tuple[int, str]]]:
+        """Decode several prompts together (a static batch); yield ``[(row, text piece), ...]`` per step.
+
+        ``ids`` are the prompts' token ids (see :meth:`prompt_ids`), ``params[i]`` row i's sampling
+        keys (``max_new_tokens``, ``temperature``, ``top_p``, ``top_k``, ``stop``, ``seed``,
+        ``repetition_penalty``; missing ones take :data:`DEFAULTS`). All prompts are run in one
+        left-padded forward pass, then each iteration runs one decode step for all live rows; a row
+        ends on its own (eos, a stop string, max_new_tokens) and leaves the batch. Each row gets exactly
+        the tokens it would get alone (greedy; a seeded sampler draws from the row's own RNG).
+        ``self.last_batch`` holds one :class:`Generation` per row, in order: a row's entry is set when
+        the row finishes (``None`` until then), so all are set once the iterator is exhausted.
+        """
+        if not isinstance(ids, (list, tuple)) or not ids:
+            raise ConfigError("stream_batch needs a non-empty list of prompts (token id lists)")
+        if len(params) != len(ids):
+            raise ConfigError(
+                f"got {len(ids)} prompts but {len(params)} parameter dicts; give one per prompt"
+            )
+        eos, ctx, decode = self.eos_ids(), self.context_length, self.tokenizer.decode
+        rows = []
+        for i, (row_ids, p) in enumerate(zip(ids, params, strict=True)):
+            try:
+                rows.append(Row(decode, list(row_ids), row_params(p, f"row {i}: "), eos, ctx))
+            except ConfigError as e:
+                raise ConfigError(str(e) if str(e).startswith("row ") else f"row {i}: {e}") from None
+        tok = self.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else min(eos) if eos else 0
+        self.last_batch = [None] * len(rows)
+        t0 = time.perf_counter()
+        for pieces in batch_loop(self.forward, rows, pad, t0):
+            for i, r in enumerate(rows):
+                if r.finish and self.last_batch[i] is None:
+                    self.last_batch[i] = self._result(r, r.seconds)
+            yield pieces
+        for i, r in enumerate(rows):
+            if self.last_batch[i] is None:
+                self.last_batch[i] = self._result(r, r.seconds)
+
+    def generate_batch(self, ids: list[list[int]], params: list[dict]) -> list[Generation]:
+        """Run :meth:`stream_batch` to the end; one :class:`Generation` per prompt, in order."""
+        for _ in self.stream_batch(ids, params):
+            pass
+        return list(self.last_batch)
 
     def generate(self, prompt: str | None = None, messages: list[dict] | None = None, **kw) -> str:
         """The whole completion as one string (same arguments as :meth:`stream`)."""
         return "".join(self.stream(prompt, messages, **kw))
-
-
-def _pick(logits, seen, temperature, top_k, top_p, repetition_penalty, gen) -> int:
-    """One next-token id from (V,) logits: penalty, temperature, top-k, top-p, then a seeded draw."""
-    import torch
-
-    if repetition_penalty != 1.0:
-        prev = torch.unique(seen)
-        s = logits[prev]
-        logits = logits.clone()
-        logits[prev] = torch.where(s > 0, s / repetition_penalty, s * repetition_penalty)
-    if temperature == 0:
-        return int(torch.argmax(logits))
-    logits = logits / temperature
-    if 0 < top_k < logits.numel():
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
-        drop = cum - torch.softmax(sorted_logits, dim=-1) >= top_p  # keep the smallest set reaching top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(0, order, sorted_logits)
-    probs = torch.softmax(logits, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=gen))
-
-
-def _find_stop(text: str, stop: tuple[str, ...], start: int) -> int | None:
-    """Index of the earliest stop string in ``text[start:]`` (absolute), or None."""
-    hits = [i for s in stop if (i := text.find(s, start)) >= 0]
-    return min(hits) if hits else None
-
-
-def _safe_end(text: str, stop: tuple[str, ...], emitted: int) -> int:
-    """How far ``text`` may be streamed: hold back an incomplete UTF-8 character (decoded as U+FFFD,
-    it may still complete) and a tail that is the start of some stop string."""
-    end = len(text)
-    while end > emitted and text[end - 1] == "\ufffd":
-        end -= 1
-    for s in stop:
-        for k in range(min(len(s) - 1, end - emitted), 0, -1):
-            if s.startswith(text[end - k : end]):
-                end -= k
-                break
-    return max(end, emitted)
 
 
 # ------------------------------------------------------------------------------------------------ chat
@@ -419,8 +401,9 @@ _CACHE: dict[str, Generator] = {}
 def load(ref: str) -> Generator:
     """Load (once per process, then cached) a causal LM by reference: dir, packaged name or Hub id."""
     from lmloop.assets import resolve_model
+    from lmloop.sft import is_adapter_dir
 
-    key = resolve_model(ref)
+    key = str(ref) if is_adapter_dir(ref) else resolve_model(ref)
     if key not in _CACHE:
         _CACHE[key] = Generator.load(key)
     return _CACHE[key]

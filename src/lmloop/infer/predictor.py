@@ -58,6 +58,8 @@ class Predictor:
         self.labels, self.max_length, self.batch_size = list(labels), max_length, batch_size
         self.backend = backend or TorchBackend(model, precision=precision, fast=fast)
         self.calibration: dict | None = None  # the backends.json entry behind an `auto` choice
+        # temperature scaling (lmloop.calibration): probabilities are softmax(logits / T); labels never change
+        self.temperature: float = 1.0
         self.overhead_tokens = 64  # a forward pass's fixed cost in token-equivalents (plan_batches)
 
     @property
@@ -73,12 +75,15 @@ class Predictor:
         batch_size: int = 32,
         precision: str = "fp32",
         recalibrate: bool = False,
+        calibrated: bool = True,
         say=None,
     ) -> Predictor:
         """Load a model directory / packaged name / Hub id on ``backend`` (``auto``: measured, cached).
 
         ``precision`` applies to an explicit ``torch`` backend (default fp32: exact; 'auto' takes bf16
         only where measured faster). Under ``auto``, torch is the fp32 reference and torch-bf16 a candidate.
+        With ``calibrated`` (default) the temperature in the directory's ``calibration.json`` is applied to
+        the probabilities on every backend; ``calibrated=False`` gives the raw softmax.
         """
         from lmloop.assets import resolve_model
         from lmloop.infer import backends as bk
@@ -101,6 +106,9 @@ class Predictor:
             id2label = model.config.id2label
             labels = meta.get("labels") or [id2label[i] for i in range(len(id2label))]
         threads = bk._threads()
+        from lmloop.calibration import temperature_of
+
+        temperature = temperature_of(path) if calibrated else 1.0
         kw = dict(labels=labels, max_length=int(meta.get("max_length", 128)), batch_size=batch_size)
 
         def make(name: str) -> Predictor:
@@ -113,7 +121,9 @@ class Predictor:
                 b = bk.TorchBackend(model, precision=prec, fast=supports_fast_path(model))
             else:
                 b = bk.build_backend(name, path, model=model, tokenizer=tok, threads=threads)
-            return cls(model, tok, backend=b, **kw)
+            p = cls(model, tok, backend=b, **kw)
+            p.temperature = temperature
+            return p
 
         if backend != "auto":
             return make(backend)
@@ -170,10 +180,11 @@ class Predictor:
         return out
 
     def predict_ids(self, ids: Sequence[Sequence[int]], on_rows=None) -> np.ndarray:
-        """Softmax probabilities (N, C) for pre-tokenised inputs, in input order (``on_rows`` gets
-        probabilities too)."""
-        cb = None if on_rows is None else (lambda idx, logits: on_rows(idx, softmax(logits)))
-        return softmax(self.predict_logits(ids, cb))
+        """Softmax probabilities (N, C) of ``logits / temperature`` for pre-tokenised inputs, in input
+        order (``on_rows`` gets probabilities too)."""
+        t = self.temperature
+        cb = None if on_rows is None else (lambda idx, logits: on_rows(idx, softmax(logits / t)))
+        return softmax(self.predict_logits(ids, cb) / t)
 
     def predict_proba(self, texts: Sequence[str], on_rows=None) -> np.ndarray:
         if len(texts) == 0:

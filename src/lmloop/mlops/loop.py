@@ -114,7 +114,9 @@ def collect_feedback(store, *, model: str | None = None) -> tuple[pd.DataFrame, 
     return frame, {"labelled": len(rows) + no_text, "no_text": no_text}
 
 
-def build_data_version(base, feedback: pd.DataFrame, *, holdout: float) -> dict[str, Any]:
+def build_data_version(
+    base, feedback: pd.DataFrame, *, holdout: float, validation: float = 0.0
+) -> dict[str, Any]:
     """Merge ``feedback`` (from :func:`collect_feedback`) into ``base`` (:class:`PreparedData`).
 
     Returns ``{"train", "validation", "test", "holdout"}`` frames (validation/test are the base's, frozen),
@@ -150,18 +152,30 @@ def build_data_version(base, feedback: pd.DataFrame, *, holdout: float) -> dict[
     fb = fb.drop_duplicates("key", keep="first")
     stats["duplicate_feedback"] = before - len(fb)
 
-    is_holdout = fb["key"].map(holdout_bucket) < holdout
+    bucket = fb["key"].map(holdout_bucket)
+    is_holdout = bucket < holdout
+    # the next `validation` share joins the validation split: checkpoint selection sees the traffic too
+    is_val = (bucket >= holdout) & (bucket < holdout + validation)
+    is_train = ~is_holdout & ~is_val
     cols = ["text", "label"] + (["domain"] if "domain" in base.train.columns else [])
     fb_rows = fb.assign(domain=FEEDBACK_DOMAIN)
-    train = pd.concat([base.train, fb_rows.loc[~is_holdout, cols]], ignore_index=True)
-    stats.update(feedback_train=int((~is_holdout).sum()), feedback_holdout=int(is_holdout.sum()))
+    train = pd.concat([base.train, fb_rows.loc[is_train, cols]], ignore_index=True)
+    val = (
+        pd.concat([base.validation, fb_rows.loc[is_val, cols]], ignore_index=True)
+        if is_val.any()
+        else base.validation
+    )
+    stats.update(feedback_train=int(is_train.sum()), feedback_holdout=int(is_holdout.sum()),
+                 feedback_validation=int(is_val.sum()))  # fmt: skip
     return {
         "train": train,
-        "validation": base.validation,
+        "validation": val,
         "test": base.test,
         "holdout": fb_rows.loc[is_holdout, cols].reset_index(drop=True),
-        "feedback_train_ids": sorted(fb.loc[~is_holdout, "id"]),
+        "feedback_train_ids": sorted(fb.loc[is_train, "id"]),
         "feedback_holdout_ids": sorted(fb.loc[is_holdout, "id"]),
+        # the feedback records' own ids (integers, POST /v1/feedback's "id"): lineage from a record down
+        "feedback_train_record_ids": sorted(int(i) for i in fb.loc[is_train, "feedback_id"]),
         "max_feedback_id": int(feedback["feedback_id"].max()) if len(feedback) else 0,
         "stats": stats,
     }
@@ -198,9 +212,15 @@ def _write_data_version(version: dict, labels: list[str], source: str, out: Path
         dedup=base_card.get("dedup", {}),
         leakage=base_card.get("leakage", {}),
         source=f"{source} + feedback",
-        sources={k: f"{source} + feedback" if k == "train" else source for k in splits},
+        sources={k: f"{source} + feedback" if k != "test" else source for k in splits},
         split={
-            "method": {"train": "base + feedback", "validation": "base (frozen)", "test": "base (frozen)"}
+            "method": {
+                "train": "base + feedback",
+                "validation": "base + feedback (selection)"
+                if version["stats"].get("feedback_validation")
+                else "base (frozen)",
+                "test": "base (frozen)",
+            }
         },
     )
     card["feedback"] = version["stats"]  # what was taken from the prediction log, and what was dropped why
@@ -225,6 +245,7 @@ def _write_data_version(version: dict, labels: list[str], source: str, out: Path
         "holdout_fingerprint": fingerprint(holdout) if len(holdout) else None,
         "feedback_fingerprint": feedback_fingerprint(version["feedback_train_ids"]),
         "feedback_train_ids": version["feedback_train_ids"],
+        "feedback_train_record_ids": version["feedback_train_record_ids"],
         "max_feedback_id": version["max_feedback_id"],
         "rows": {k: len(df) for k, df in {**splits, "holdout": holdout}.items()},
         "feedback": version["stats"],
@@ -273,17 +294,18 @@ def compute_gates(champion: dict | None, challenger: dict, cfg: LoopGatesConfig)
                     f"feedback holdout accuracy {a:.4f} -> {b:.4f} (n={n})",
                 )
             )
-    if cfg.max_ece is not None:
-        e = cg["ece"]
-        gates.append(
-            Gate("calibration", e, cfg.max_ece, e <= cfg.max_ece + _EPS, "ECE on the golden test set")
-        )
+    if cfg.max_ece is not None:  # = calibration.max_ece; the ECE after the model's temperature, if any
+        e, t = cg["ece"], cg.get("temperature")
+        what = "ECE on the golden test set" + (f" (temperature {t:.3f})" if t else "")
+        gates.append(Gate("calibration", e, cfg.max_ece, e <= cfg.max_ece + _EPS, what))
     if cfg.min_accuracy is not None:
         a = cg["accuracy"]
         gates.append(Gate("min_accuracy", a, cfg.min_accuracy, a >= cfg.min_accuracy - _EPS, "golden test"))
     if cfg.max_domain_regression is not None:
         gates.append(_domain_gate(champion, cg, cfg.max_domain_regression))
-    return gates
+    from lmloop.mlops.audit_gates import audit_gates  # bias / membership / memorization, when configured
+
+    return gates + audit_gates(challenger.get("audits") or {}, cfg)
 
 
 def _domain_gate(champion: dict | None, cg: dict, tol: float) -> Gate:
@@ -440,7 +462,7 @@ def _champion(reg, name: str, alias: str) -> dict | None:
 def _compact(m: dict | None) -> dict | None:
     if m is None:
         return None
-    out = {k: m[k] for k in ("n", "accuracy", "macro_f1", "ece", "nll") if k in m}
+    out = {k: m[k] for k in ("n", "accuracy", "macro_f1", "ece", "nll", "temperature") if k in m}
     if m.get("per_domain"):
         out["per_domain"] = {d: {"n": x["n"], "accuracy": x["accuracy"]} for d, x in m["per_domain"].items()}
     return out
@@ -556,7 +578,9 @@ def run_turn(recipe: Recipe, *, force_trigger: bool = False, say=None, progress:
             base = load_recipe_data(recipe)
             with open_store(cfg.prediction_log) as store:
                 fb, counts = collect_feedback(store, model=cfg.served_model)
-            version = build_data_version(base, fb, holdout=cfg.feedback_holdout)
+            version = build_data_version(
+                base, fb, holdout=cfg.feedback_holdout, validation=cfg.feedback_validation
+            )
             version["stats"]["no_text"] = counts["no_text"]
             version["base_card"] = base.card
             data = _write_data_version(version, base.labels, base.source, tdir / "data")
@@ -598,11 +622,17 @@ def run_turn(recipe: Recipe, *, force_trigger: bool = False, say=None, progress:
                       "holdout": pd.read_csv(data_dir / "holdout.csv", keep_default_na=False, dtype=str)}  # fmt: skip
             cm = score(out, frames)
             chm = score(champion["path"], frames) if champion else None
-            gates = compute_gates(chm, cm, cfg.gates)
+            audits = _audits(out, cfg.gates, data_dir, frames["golden"], say)
+            gates = compute_gates(chm, {**cm, "audits": audits}, cfg.gates)
             promote, reason = decide(gates, champion["version"] if champion else None)
+            from lmloop.mlops.card import write_gates
+
+            # gates.json + MODEL_CARD.md go into the challenger before it is registered: they travel with it
+            write_gates(out, [asdict(g) for g in gates], decision="promote" if promote else "keep",
+                        reason=reason, turn=current)  # fmt: skip
             mark(
                 "evaluated",
-                challenger={**state["challenger"], "metrics": cm},
+                challenger={**state["challenger"], "metrics": cm, "audits": audits},
                 champion=champion and {**champion, "metrics": chm},
                 gates=[asdict(g) for g in gates],
                 promote=promote,
@@ -614,6 +644,10 @@ def run_turn(recipe: Recipe, *, force_trigger: bool = False, say=None, progress:
 
         # 4. register, then (the single last step) move the alias -----------------------------------------
         if not done("registered"):
+            from lmloop.mlops.lineage import write_ids
+
+            # lineage: logged with the model, read by `lmloop registry lineage --feedback/--prediction`
+            write_ids(out, data.get("feedback_train_record_ids", []), data["feedback_train_ids"])
             v = reg.register(
                 out,
                 name,
@@ -624,7 +658,7 @@ def run_turn(recipe: Recipe, *, force_trigger: bool = False, say=None, progress:
                 feedback={
                     "fingerprint": data["feedback_fingerprint"],
                     "n": len(data["feedback_train_ids"]),
-                    "ids": data["feedback_train_ids"],
+                    "ids": data.get("feedback_train_record_ids", []),
                 },  # fmt: skip
             )
             loop_tags = {
@@ -633,7 +667,11 @@ def run_turn(recipe: Recipe, *, force_trigger: bool = False, say=None, progress:
                 "lmloop.loop.data_fingerprint": data["fingerprint"],
                 "lmloop.loop.holdout_fingerprint": data["holdout_fingerprint"] or "",
                 "lmloop.loop.decision": "promoted" if state["promote"] else "kept",
-                "lmloop.loop.gates": json.dumps({g.name: g.passed for g in gates}),
+                # every gate's value, threshold and verdict (`lmloop registry show` prints them)
+                "lmloop.loop.gates": json.dumps(
+                    {g.name: {"value": g.value, "threshold": g.threshold, "passed": g.passed} for g in gates}
+                )[:5000],
+                "lmloop.loop.reason": state["reason"][:5000],
             }
             for k, val in loop_tags.items():
                 reg.client.set_model_version_tag(name, str(v.version), k, str(val))
@@ -678,7 +716,7 @@ def run_turn(recipe: Recipe, *, force_trigger: bool = False, say=None, progress:
         reason=state["reason"],
         triggers=state["triggers"],
         trigger_checks=state.get("checks", {}),
-        data={k: v for k, v in data.items() if k != "feedback_train_ids"},
+        data={k: v for k, v in data.items() if k not in ("feedback_train_ids", "feedback_train_record_ids")},
         champion=champion,
         challenger=state["challenger"],
         gates=gates,
@@ -693,6 +731,16 @@ def run_turn(recipe: Recipe, *, force_trigger: bool = False, say=None, progress:
         dir=str(tdir),
         resumed=resumed,
     )
+
+
+def _audits(model_dir: Path, cfg: LoopGatesConfig, data_dir: Path, golden: pd.DataFrame, say) -> dict:
+    """The audit summaries the configured audit gates need (:mod:`lmloop.mlops.audit_gates`); {} for none."""
+    from lmloop.mlops.audit_gates import run_audits, wanted
+
+    if not wanted(cfg):
+        return {}
+    train = pd.read_csv(data_dir / "train.csv", keep_default_na=False, dtype=str)
+    return run_audits(model_dir, cfg, train=train, golden=golden, say=say)
 
 
 def _champion_version(reg, name: str, alias: str) -> int | None:
@@ -742,10 +790,10 @@ def format_turn(r: TurnResult) -> str:
     lines.append(
         f"  models       champion {champ}, challenger v{r.registry.get('challenger_version')} ({(r.challenger or {}).get('path')})"
     )
-    lines.append(f"  {'gate':18s} {'value':>9s} {'threshold':>10s}  result  detail")
+    lines.append(f"  {'gate':21s} {'value':>9s} {'threshold':>10s}  result  detail")  # memorization.exposure
     for g in r.gates:
         lines.append(
-            f"  {g.name:18s} {_fmt(g.value):>9s} {_fmt(g.threshold):>10s}  {'PASS' if g.passed else 'FAIL':6s}  {g.detail}"
+            f"  {g.name:21s} {_fmt(g.value):>9s} {_fmt(g.threshold):>10s}  {'PASS' if g.passed else 'FAIL':6s}  {g.detail}"
         )
     reg = r.registry
     move = f"{reg['name']}@{reg['alias']}: v{reg['before']} -> v{reg['after']}" if r.decision == "promoted" else (

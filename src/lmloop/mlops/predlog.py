@@ -21,6 +21,13 @@ paused iterator would share its thread's connection with the writes made between
 ``close()`` can release every connection.
 
 Entities are plain dataclasses: :class:`PredictionRecord` and :class:`FeedbackRecord`.
+
+Generations (``lmloop serve`` on a causal LM, the OpenAI-compatible API) go to the same table, so feedback
+works on them the same way: ``kind`` is ``"completion"`` or ``"chat"`` (``"classify"`` for classifier
+rows), ``text`` holds the prompt (for chat, the messages as JSON), ``completion`` the generated text, with
+``prompt_tokens`` / ``completion_tokens`` / ``finish_reason``; ``label`` is ``""`` and ``scores`` empty.
+Readers see classifier rows only unless they ask for another ``kind`` (schema version 2 added these
+columns; a version-1 log is migrated in place when opened).
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ from typing import Any, Literal, overload
 
 from lmloop.errors import ConfigError
 
-SCHEMA_VERSION = 1  # bump with a migration in PredictionStore._create_schema
+SCHEMA_VERSION = 2  # bump with a migration in PredictionStore._create_schema (2: generation columns)
 _COMPONENT = "predlog"  # our row in schema_version (other lmloop stores may share the table)
 SCHEMES = ("sqlite:///", "postgresql://", "postgres://")
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -62,6 +69,11 @@ class PredictionRecord:
     scores: dict[str, float]
     latency_ms: float
     request_id: str | None = None
+    kind: str = "classify"  # "classify" | "completion" | "chat" (see the module docstring)
+    completion: str | None = None  # generations: the generated text
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    finish_reason: str | None = None  # generations: "stop" | "length"
 
     @classmethod
     def new(
@@ -90,6 +102,44 @@ class PredictionRecord:
             scores={k: float(v) for k, v in scores.items()},
             latency_ms=float(latency_ms),
             request_id=request_id,
+        )
+
+    @classmethod
+    def generation(
+        cls,
+        *,
+        id: str,
+        kind: str,
+        model: str,
+        version: str,
+        prompt: str,
+        completion: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+        finish_reason: str,
+        latency_ms: float,
+        request_id: str | None = None,
+        store_text: bool = True,
+    ) -> PredictionRecord:
+        """A generation record (``kind`` "completion" or "chat"); ``store_text=False`` keeps neither the
+        prompt nor the completion, only the prompt's hash and the token counts."""
+        return cls(
+            id=id,
+            created_at=time.time(),
+            model=model,
+            version=version,
+            text=prompt if store_text else None,
+            text_hash=hash_text(prompt),
+            label="",
+            score=0.0,
+            scores={},
+            latency_ms=float(latency_ms),
+            request_id=request_id,
+            kind=kind,
+            completion=completion if store_text else None,
+            prompt_tokens=int(prompt_tokens),
+            completion_tokens=int(completion_tokens),
+            finish_reason=finish_reason,
         )
 
 
@@ -179,7 +229,19 @@ def open_store(url: str | os.PathLike | None = None) -> PredictionStore:
 
 
 # ---------------------------------------------------------------------------------------------- store
-_PRED_COLS = "id, created_at, model, version, text, text_hash, label, score, scores, latency_ms, request_id"
+_PRED_COLS = (
+    "id, created_at, model, version, text, text_hash, label, score, scores, latency_ms, request_id, "
+    "kind, completion, prompt_tokens, completion_tokens, finish_reason"
+)
+_N_PRED = 16
+# schema version 1 -> 2: the generation columns (nullable, or with a default: old writers still work)
+_V2_COLUMNS = [
+    "kind TEXT NOT NULL DEFAULT 'classify'",
+    "completion TEXT",
+    "prompt_tokens INTEGER",
+    "completion_tokens INTEGER",
+    "finish_reason TEXT",
+]
 _FB_COLS = "id, prediction_id, label, comment, created_at"
 
 # Same tables on both backends; {autoid} and the placeholders are the only differences.
@@ -199,7 +261,8 @@ _SCHEMA = [
         score DOUBLE PRECISION NOT NULL,
         scores TEXT NOT NULL,
         latency_ms DOUBLE PRECISION NOT NULL,
-        request_id TEXT
+        request_id TEXT,
+        {v2_columns}
     )""",
     # (created_at, id) is the iteration order and the keyset; ties on created_at are broken by id
     "CREATE INDEX IF NOT EXISTS predictions_created_at ON predictions (created_at, id)",
@@ -229,6 +292,11 @@ def _prediction(row: Sequence[Any]) -> PredictionRecord:
         scores=json.loads(row[8]),
         latency_ms=row[9],
         request_id=row[10],
+        kind=row[11],
+        completion=row[12],
+        prompt_tokens=row[13],
+        completion_tokens=row[14],
+        finish_reason=row[15],
     )
 
 
@@ -306,7 +374,7 @@ class PredictionStore:
         with self._connection() as conn, self._transaction(conn):
             self._schema_lock(conn)
             for stmt in _SCHEMA:
-                self._rows(conn, stmt.format(autoid=self._AUTOID))
+                self._rows(conn, stmt.format(autoid=self._AUTOID, v2_columns=", ".join(_V2_COLUMNS)))
             rows = self._rows(conn, "SELECT version FROM schema_version WHERE component = ?", (_COMPONENT,))
             if not rows:
                 self._rows(
@@ -314,6 +382,10 @@ class PredictionStore:
                     "INSERT INTO schema_version (component, version) VALUES (?, ?) ON CONFLICT DO NOTHING",
                     (_COMPONENT, SCHEMA_VERSION),
                 )
+            elif rows[0][0] == 1:  # a log written before generations were logged: add their columns
+                for col in _V2_COLUMNS:
+                    self._rows(conn, f"ALTER TABLE predictions ADD COLUMN {col}")
+                self._rows(conn, "UPDATE schema_version SET version = ? WHERE component = ?", (2, _COMPONENT))
             elif rows[0][0] > SCHEMA_VERSION:
                 raise ConfigError(
                     f"prediction store {self.url} has schema version {rows[0][0]}, written by a newer lmloop "
@@ -339,11 +411,16 @@ class PredictionStore:
                 json.dumps(r.scores),
                 float(r.latency_ms),
                 r.request_id,
+                r.kind,
+                r.completion,
+                r.prompt_tokens,
+                r.completion_tokens,
+                r.finish_reason,
             )
             for r in records
         ]
         query = self._sql(
-            f"INSERT INTO predictions ({_PRED_COLS}) VALUES ({', '.join('?' * 11)}) ON CONFLICT (id) DO NOTHING"
+            f"INSERT INTO predictions ({_PRED_COLS}) VALUES ({', '.join('?' * _N_PRED)}) ON CONFLICT (id) DO NOTHING"
         )
         with self._connection() as conn, self._transaction(conn):
             cur = conn.cursor()
@@ -386,6 +463,7 @@ class PredictionStore:
         since: float | None = ...,
         until: float | None = ...,
         model: str | None = ...,
+        kind: str | Sequence[str] | None = ...,
         with_feedback: Literal[False] = ...,
         batch: int = ...,
     ) -> Iterator[PredictionRecord]: ...
@@ -397,6 +475,7 @@ class PredictionStore:
         since: float | None = ...,
         until: float | None = ...,
         model: str | None = ...,
+        kind: str | Sequence[str] | None = ...,
         with_feedback: Literal[True],
         batch: int = ...,
     ) -> Iterator[tuple[PredictionRecord, FeedbackRecord | None]]: ...
@@ -407,17 +486,19 @@ class PredictionStore:
         since: float | None = None,
         until: float | None = None,
         model: str | None = None,
+        kind: str | Sequence[str] | None = "classify",
         with_feedback: bool = False,
         batch: int = 1000,
     ) -> Iterator[Any]:
         """Predictions with ``since <= created_at < until`` (either bound optional), of ``model`` if given,
         in (created_at, id) order. ``with_feedback=True`` yields ``(prediction, latest feedback or None)``.
+        ``kind``: classifier rows by default; ``"chat"``, ``("completion", "chat")``, or None for all.
 
         Streams in constant memory: each page of ``batch`` rows is one short query (keyset pagination on
         (created_at, id)); no transaction or connection is held while the caller consumes a page, so a
         slow consumer blocks no writer. Rows committed during the iteration may or may not be seen.
         """
-        yield from self._iter("left" if with_feedback else None, since, until, model, batch)
+        yield from self._iter("left" if with_feedback else None, since, until, model, batch, kind)
 
     def iter_labeled(
         self,
@@ -425,14 +506,21 @@ class PredictionStore:
         since: float | None = None,
         until: float | None = None,
         model: str | None = None,
+        kind: str | Sequence[str] | None = "classify",
         batch: int = 1000,
     ) -> Iterator[tuple[PredictionRecord, FeedbackRecord]]:
         """Only the predictions that have feedback, as ``(prediction, latest feedback)``: retraining data.
         Same filters (on the prediction's ``created_at``), order and streaming as :meth:`iter_predictions`."""
-        yield from self._iter("inner", since, until, model, batch)
+        yield from self._iter("inner", since, until, model, batch, kind)
 
     def _iter(
-        self, join: str | None, since: float | None, until: float | None, model: str | None, batch: int
+        self,
+        join: str | None,
+        since: float | None,
+        until: float | None,
+        model: str | None,
+        batch: int,
+        kind: str | Sequence[str] | None = "classify",
     ) -> Iterator[Any]:
         if batch < 1:
             raise ValueError(f"batch must be >= 1, got {batch}")
@@ -455,6 +543,10 @@ class PredictionStore:
         if model is not None:
             conds.append("p.model = ?")
             params.append(model)
+        if kind is not None:
+            kinds = [kind] if isinstance(kind, str) else list(kind)
+            conds.append(f"p.kind IN ({', '.join('?' * len(kinds))})")
+            params.extend(kinds)
         after: tuple[float, str] | None = None
         while True:
             page_conds, page_params = list(conds), list(params)
@@ -466,11 +558,11 @@ class PredictionStore:
             with self._connection() as conn:
                 rows = self._rows(conn, page, [*page_params, batch])
             for row in rows:
-                pred = _prediction(row[:11])
+                pred = _prediction(row[:_N_PRED])
                 if join is None:
                     yield pred
                 else:
-                    yield pred, (_feedback(row[11:]) if row[11] is not None else None)
+                    yield pred, (_feedback(row[_N_PRED:]) if row[_N_PRED] is not None else None)
             if len(rows) < batch:
                 return
             after = (rows[-1][1], rows[-1][0])
@@ -481,6 +573,25 @@ class PredictionStore:
             n = self._rows(conn, "SELECT count(*) FROM predictions")[0][0]
             m = self._rows(conn, "SELECT count(*) FROM feedback")[0][0]
         return {"predictions": int(n), "feedback": int(m)}
+
+    def recent_feedback(
+        self, limit: int, model: str | None = None
+    ) -> list[tuple[FeedbackRecord, PredictionRecord]]:
+        """The latest ``limit`` feedback records, newest first, each with its prediction (one indexed
+        join on either backend; the dashboard's "recent feedback" table)."""
+        fcols = ", ".join(f"f.{c.strip()}" for c in _FB_COLS.split(","))
+        pcols = ", ".join(f"p.{c.strip()}" for c in _PRED_COLS.split(","))
+        nf = len(_FB_COLS.split(","))
+        query = f"SELECT {fcols}, {pcols} FROM feedback f JOIN predictions p ON p.id = f.prediction_id"
+        params: list[Any] = []
+        if model is not None:
+            query += " WHERE p.model = ?"
+            params.append(model)
+        query += " ORDER BY f.id DESC LIMIT ?"
+        params.append(int(limit))
+        with self._connection() as conn:
+            rows = self._rows(conn, query, params)
+        return [(_feedback(r[:nf]), _prediction(r[nf:])) for r in rows]
 
     # -- lifetime
     def close(self) -> None:

@@ -382,16 +382,26 @@ class Registry:
 
     def audit(self, name: str) -> list[AliasChange]:
         """Every alias change of ``name``, oldest first."""
-        tags = self._model(name).tags or {}
-        out = []
-        for i, key in enumerate(sorted(k for k in tags if k.startswith(AUDIT_PREFIX)), 1):
+        model = self._model(name)
+        tags = model.tags or {}
+        recs = []
+        for key in sorted(k for k in tags if k.startswith(AUDIT_PREFIX)):
             try:
-                r = json.loads(tags[key])
+                recs.append(json.loads(tags[key]))
             except ValueError:
                 continue  # not ours
+        out = []
+        for i, r in enumerate(recs):
+            if r.get("pending"):
+                # killed between writing the record and confirming it: did the alias move? The next record
+                # for that alias starts where this one would have left it; with none, the alias says
+                nxt = next((x for x in recs[i + 1 :] if x.get("alias") == r.get("alias")), None)
+                now = nxt.get("from") if nxt else (model.aliases or {}).get(r.get("alias", ""))
+                if str(now) != str(r.get("to")):
+                    continue  # the move never happened
             out.append(
                 AliasChange(
-                    seq=i,
+                    seq=len(out) + 1,
                     time=r.get("t", ""),
                     actor=r.get("by", ""),
                     action=r.get("op", ""),
@@ -576,10 +586,12 @@ class Registry:
         if fb:
             if fb.get("fingerprint"):
                 tags[TAG + "feedback.fingerprint"] = str(fb["fingerprint"])
+            from lmloop.mlops.lineage import MAX_TAG_CHARS, encode_ids
+
             ids = list(fb.get("ids") or [])
             tags[TAG + "feedback.n"] = str(fb.get("n", len(ids)))
-            text = json.dumps(ids, separators=(",", ":"))
-            if ids and len(text) <= 50_000:
+            text = encode_ids(ids)  # ranges; beyond a tag's size the model dir's feedback_ids.json holds them
+            if ids and len(text) <= MAX_TAG_CHARS:
                 tags[TAG + "feedback.ids"] = text
         return tags
 
@@ -649,16 +661,25 @@ class Registry:
         ms = int(time.time() * 1000)
         rec = {"t": _now_iso(ms), "by": actor or default_actor(), "op": op, "alias": alias}
         rec.update({"from": frm, "to": to, "why": reason.strip(), "gates": gates or None})
-        self._mlflow(f"{name}@{alias}", self.client.set_registered_model_alias, name, alias, str(to))
+        # write-ahead: the audit record exists (marked pending) before the alias moves, so a process killed
+        # between the two steps leaves a record of the attempt, never an unaudited alias change
         key = f"{AUDIT_PREFIX}{ms:013d}-{secrets.token_hex(3)}"
+        self._mlflow(f"{name} audit log", self.client.set_registered_model_tag, name, key,
+                     _fit_audit({**rec, "pending": True}))  # fmt: skip
+        try:
+            self._mlflow(f"{name}@{alias}", self.client.set_registered_model_alias, name, alias, str(to))
+        except BaseException:
+            self.client.delete_registered_model_tag(name, key)  # it did not happen: no record
+            raise
         try:
             self.client.set_registered_model_tag(name, key, _fit_audit(rec))
         except Exception:
-            # an alias change must never go unaudited: put the alias back, then fail
+            # the alias moved but its record could not be confirmed: put the alias back, then fail
             if frm is None:
                 self.client.delete_registered_model_alias(name, alias)
             else:
                 self.client.set_registered_model_alias(name, alias, str(frm))
+            self.client.delete_registered_model_tag(name, key)
             raise
         seq = len(self.audit(name))
         return AliasChange(seq, rec["t"], rec["by"], op, alias, frm, to, rec["why"], rec["gates"])
@@ -788,7 +809,27 @@ def format_version(v: ModelVersion) -> str:
         lines.append("  metrics")
         for k, x in v.metrics.items():
             lines.append(f"    {k:32s} {x:.4f}" if not k.endswith(".n") else f"    {k:32s} {int(x)}")
+    lines += _format_gates(v.tags)
     return "\n".join(lines)
+
+
+def _format_gates(tags: dict[str, str]) -> list[str]:
+    """The loop's gate results recorded on a version (tags lmloop.loop.gates / decision / reason)."""
+    try:
+        gates = json.loads(tags.get("lmloop.loop.gates") or "{}")
+    except ValueError:
+        return []
+    if not isinstance(gates, dict) or not gates:
+        return []
+    decision, turn = tags.get("lmloop.loop.decision", "?"), tags.get("lmloop.loop.turn", "?")
+    out = [f"  gates        {decision} by loop turn {turn}"]
+    for name, g in gates.items():
+        g = g if isinstance(g, dict) else {"passed": g}  # versions registered before values were recorded
+        nums = f"{_num(g.get('value'))} vs {_num(g.get('threshold'))}" if "value" in g else ""
+        out.append(f"    {name:24s} {'PASS' if g.get('passed') else 'FAIL'}  {nums}")
+    if tags.get("lmloop.loop.reason"):
+        out.append(f"    reason: {tags['lmloop.loop.reason']}")
+    return out
 
 
 def format_audit(records: list[AliasChange]) -> str:

@@ -36,16 +36,15 @@ import json
 import math
 import random
 import signal
-import ssl
 import sys
 import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from lmloop.errors import ConfigError, DataError
+from lmloop.mlops.httppool import Endpoint, HttpError, Pool
 
 SPLITS = ("train", "validation", "test", "all")
 
@@ -230,150 +229,7 @@ class ReplayOptions:
         if not self.timeout > 0:
             raise ConfigError(f"--timeout {self.timeout}: expected seconds > 0")
         parse_delay(self.feedback_delay)
-        _Endpoint.parse(self.url)
-
-
-# ----------------------------------------------------------------------------------------- HTTP client
-class HttpError(Exception):
-    """No HTTP answer: refused, reset, timed out. ``kind`` is what the summary counts it as."""
-
-    def __init__(self, kind: str, message: str):
-        super().__init__(message)
-        self.kind = kind
-
-
-@dataclass
-class _Endpoint:
-    host: str
-    port: int
-    tls: bool
-    prefix: str  # a path before /v1/... (a server behind a proxy at http://h/lmloop)
-
-    @classmethod
-    def parse(cls, url: str) -> _Endpoint:
-        u = urlsplit(url)
-        if u.scheme not in ("http", "https") or not u.hostname:
-            raise ConfigError(f"--url {url!r}: expected http://HOST[:PORT] or https://HOST[:PORT]")
-        try:
-            port = u.port or (443 if u.scheme == "https" else 80)
-        except ValueError:
-            raise ConfigError(f"--url {url!r}: the port is not a number") from None
-        return cls(u.hostname, port, u.scheme == "https", u.path.rstrip("/"))
-
-
-class _Pool:
-    """Keep-alive HTTP/1.1 connections to one server, at most ``size`` requests in flight."""
-
-    def __init__(self, ep: _Endpoint, size: int, timeout: float, headers: dict[str, str]):
-        self.ep, self.timeout = ep, timeout
-        self.slots = asyncio.Semaphore(size)
-        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
-        host = ep.host if ":" not in ep.host else f"[{ep.host}]"
-        default = ep.port == (443 if ep.tls else 80)
-        self.head = f"Host: {host}{'' if default else f':{ep.port}'}\r\n" + "".join(
-            f"{k}: {v}\r\n" for k, v in headers.items()
-        )
-
-    async def request(
-        self, method: str, path: str, body: bytes = b"", headers: dict | None = None, on_send=None
-    ) -> tuple[int, bytes]:
-        """(status, body). ``on_send()`` is called when a connection is free and the request goes out."""
-        async with self.slots:
-            if on_send:
-                on_send()
-            extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
-            msg = (
-                f"{method} {self.ep.prefix}{path} HTTP/1.1\r\n{self.head}{extra}"
-                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-            ).encode("latin-1") + body
-            try:
-                return await asyncio.wait_for(self._exchange(msg), self.timeout)
-            except asyncio.TimeoutError:
-                raise HttpError("timeout", f"no answer within {self.timeout:g} s") from None
-
-    async def _exchange(self, msg: bytes) -> tuple[int, bytes]:
-        while self.idle:  # a reused connection the server closed while idle fails before any answer
-            conn = self.idle.pop()
-            try:
-                return await self._on(conn, msg)
-            except _Stale:
-                continue
-        try:
-            conn = await asyncio.open_connection(
-                self.ep.host, self.ep.port, ssl=ssl.create_default_context() if self.ep.tls else None
-            )
-        except OSError as e:
-            kind = "refused" if isinstance(e, ConnectionRefusedError) else "connect"
-            raise HttpError(kind, f"cannot connect to {self.ep.host}:{self.ep.port}: {e}") from None
-        try:
-            return await self._on(conn, msg)
-        except _Stale:
-            raise HttpError("closed", "the server closed the connection without answering") from None
-
-    async def _on(self, conn, msg: bytes) -> tuple[int, bytes]:
-        reader, writer = conn
-        keep = False
-        try:
-            try:
-                writer.write(msg)
-                await writer.drain()
-                line = await reader.readline()
-            except (ConnectionError, OSError):
-                raise _Stale() from None
-            if not line:
-                raise _Stale()
-            try:
-                status = int(line.split()[1])
-            except (IndexError, ValueError):
-                raise HttpError("protocol", f"not an HTTP answer: {line[:80]!r}") from None
-            length, chunked, close = None, False, line.startswith(b"HTTP/1.0")
-            while True:
-                h = await reader.readline()
-                if h in (b"\r\n", b"\n", b""):
-                    break
-                k, _, v = h.decode("latin-1").partition(":")
-                k, v = k.strip().lower(), v.strip().lower()
-                if k == "content-length":
-                    length = int(v)
-                elif k == "transfer-encoding":
-                    chunked = "chunked" in v
-                elif k == "connection":
-                    close = close or v == "close"
-            if chunked:
-                parts = []
-                while True:
-                    size = int((await reader.readline()).split(b";")[0], 16)
-                    if size == 0:
-                        while (await reader.readline()) not in (b"\r\n", b"\n", b""):
-                            pass  # trailers
-                        break
-                    parts.append(await reader.readexactly(size))
-                    await reader.readexactly(2)
-                body = b"".join(parts)
-            elif length is not None:
-                body = await reader.readexactly(length)
-            else:
-                body, close = await reader.read(), True
-            keep = not close
-            return status, body
-        except (asyncio.IncompleteReadError, ConnectionError, OSError) as e:
-            raise HttpError("reset", f"connection lost mid-answer: {e}") from None
-        except ValueError as e:  # a Content-Length or chunk size that is not a number
-            raise HttpError("protocol", f"malformed HTTP answer: {e}") from None
-        finally:
-            if keep:
-                self.idle.append(conn)
-            else:
-                writer.close()
-
-    def close(self) -> None:
-        for _, writer in self.idle:
-            writer.close()
-        self.idle.clear()
-
-
-class _Stale(Exception):
-    pass
+        Endpoint.parse(self.url)
 
 
 # ---------------------------------------------------------------------------------------------- replay
@@ -413,10 +269,10 @@ def replay(data: ReplayData, opts: ReplayOptions) -> dict:
 
 
 async def _replay(data: ReplayData, opts: ReplayOptions) -> dict:
-    ep = _Endpoint.parse(opts.url)
+    ep = Endpoint.parse(opts.url)
     headers = {"X-API-Key": opts.api_key} if opts.api_key else {}
-    pool = _Pool(ep, opts.concurrency, opts.timeout, headers)
-    fb_pool = _Pool(ep, min(opts.concurrency, 8), opts.timeout, headers)  # feedback never starves classify
+    pool = Pool(ep, opts.concurrency, opts.timeout, headers)
+    fb_pool = Pool(ep, min(opts.concurrency, 8), opts.timeout, headers)  # feedback never starves classify
     model = await _preflight(pool, opts.url, data)
 
     # which rows get feedback, and after how long: fixed by the seed before anything is sent
@@ -642,7 +498,7 @@ async def _replay(data: ReplayData, opts: ReplayOptions) -> dict:
     return _summary(data, opts, model, st, elapsed, cancelled, interrupts[0] > 0, len(chosen))
 
 
-async def _preflight(pool: _Pool, url: str, data: ReplayData) -> dict:
+async def _preflight(pool: Pool, url: str, data: ReplayData) -> dict:
     """GET /v1/models: the server is there, and the data's labels are ones it can take as feedback."""
     try:
         status, body = await pool.request("GET", "/v1/models")

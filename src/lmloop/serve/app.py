@@ -64,12 +64,39 @@ class ServeSettings:
     shadow_max_queue: int = 2048  # texts waiting for the shadow model before more are dropped
     monitor_interval_s: float = 30.0  # seconds between monitoring ticks and alert checks (0: on demand)
     alerts: Any = None  # lmloop.config.AlertsConfig (--alerts FILE); None: no thresholds watched
+    # causal LMs (the OpenAI-compatible API, lmloop.serve.openai_api)
+    task: str = "auto"  # "auto": a config whose architectures end in ForCausalLM is served for generation
+    max_tokens: int = 512  # most tokens a request may ask for (max_tokens) -> 400 beyond
+    gen_max_batch: int = 16  # concurrent requests decoded together as one batch
+    gen_max_wait_ms: float = 20.0  # how long the first request of a batch waits for company
+    gen_continuous: bool = True  # new requests join the running batch between decode steps
 
 
 class ApiError(Exception):
     def __init__(self, status: int, code: str, message: str, headers: dict | None = None):
         super().__init__(message)
         self.status, self.code, self.message, self.headers = status, code, message, headers or {}
+
+
+def check_api_key(headers, key: bytes | None) -> None:
+    """Raise a 401 :class:`ApiError` unless ``headers`` carry ``key`` (X-API-Key or Authorization: Bearer);
+    ``key`` None: no key is set, anything passes. Shared by the classification and OpenAI apps."""
+    if key is None:
+        return
+    got = headers.get("x-api-key")
+    auth = headers.get("authorization", "")
+    if got is None and auth.lower().startswith("bearer "):
+        got = auth[7:].strip()
+    # constant-time comparison (on digests, so the length does not leak either)
+    if got is None or not hmac.compare_digest(
+        hashlib.sha256(got.encode()).digest(), hashlib.sha256(key).digest()
+    ):
+        raise ApiError(
+            401,
+            "unauthorized",
+            "missing or wrong API key: send it as 'X-API-Key: <key>' or 'Authorization: Bearer <key>'",
+            {"WWW-Authenticate": "Bearer"},
+        )
 
 
 def _dumps(obj: Any) -> bytes:
@@ -384,22 +411,7 @@ def create_app(
         check_key(request.headers)
 
     def check_key(headers) -> None:
-        if key is None:
-            return
-        got = headers.get("x-api-key")
-        auth = headers.get("authorization", "")
-        if got is None and auth.lower().startswith("bearer "):
-            got = auth[7:].strip()
-        # constant-time comparison (on digests, so the length does not leak either)
-        if got is None or not hmac.compare_digest(
-            hashlib.sha256(got.encode()).digest(), hashlib.sha256(key).digest()
-        ):
-            raise ApiError(
-                401,
-                "unauthorized",
-                "missing or wrong API key: send it as 'X-API-Key: <key>' or 'Authorization: Bearer <key>'",
-                {"WWW-Authenticate": "Bearer"},
-            )
+        check_api_key(headers, key)
 
     async def require_key_for_all(request: Request) -> None:
         if settings.auth_scope == "all":

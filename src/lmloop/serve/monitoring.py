@@ -731,35 +731,21 @@ def _finite(obj: Any) -> Any:
 # ---------------------------------------------------------------------------------------------- feedback
 def recent_feedback(store, limit: int, model: str | None = None) -> list[dict]:
     """The latest ``limit`` feedback records (newest first) with their predictions: ids, labels, score,
-    times, and the text only where the log keeps it. One indexed query on either backend.
-
-    (Reads through the store's connection pool: the store interface has no such query yet.)"""
-    query = (
-        "SELECT f.id, f.prediction_id, f.label, f.comment, f.created_at, p.label, p.score, p.text, "
-        "p.model, p.version, p.created_at FROM feedback f JOIN predictions p ON p.id = f.prediction_id"
-    )
-    params: list[Any] = []
-    if model is not None:
-        query += " WHERE p.model = ?"
-        params.append(model)
-    query += " ORDER BY f.id DESC LIMIT ?"
-    params.append(int(limit))
-    with store._connection() as conn:
-        rows = store._rows(conn, query, params)
+    times, and the text only where the log keeps it (the dashboard's table)."""
     return [
         {
-            "feedback_id": int(r[0]),
-            "prediction_id": r[1],
-            "label": r[2],
-            "comment": r[3],
-            "created_at": float(r[4]),
-            "predicted": r[5],
-            "correct": r[5] == r[2],
-            "score": float(r[6]),
-            "text": r[7],
-            "model": r[8],
-            "version": r[9],
-            "predicted_at": float(r[10]),
+            "feedback_id": int(fb.id),
+            "prediction_id": fb.prediction_id,
+            "label": fb.label,
+            "comment": fb.comment,
+            "created_at": float(fb.created_at),
+            "predicted": p.label,
+            "correct": p.label == fb.label,
+            "score": float(p.score),
+            "text": p.text,
+            "model": p.model,
+            "version": p.version,
+            "predicted_at": float(p.created_at),
         }
-        for r in rows
+        for fb, p in store.recent_feedback(limit, model)
     ]

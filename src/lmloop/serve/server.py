@@ -5,6 +5,9 @@ app's lifespan drains the batch queue and commits the prediction log.
 
 A ``models:/NAME@ALIAS`` model is followed (see :mod:`lmloop.serve.follow`): the server reports NAME and
 ``vN`` and hot-swaps to the alias's new version when it moves (``--no-follow`` pins the startup version).
+
+A causal LM (its config's ``architectures`` end in ``ForCausalLM``, or ``--task generate``) is served with
+the OpenAI-compatible API instead (:mod:`lmloop.serve.openai_api`): /v1/completions, /v1/chat/completions.
 """
 
 from __future__ import annotations
@@ -45,8 +48,6 @@ def serve(
     shadow: str | None = None,
     say=print,
 ) -> None:
-    import uvicorn
-
     from lmloop.assets import resolve_model
     from lmloop.infer import Predictor
     from lmloop.mlops.predlog import open_store
@@ -69,6 +70,13 @@ def serve(
     name, version = _reported(model, path)
     settings.model_name = settings.model_name or name
     settings.model_version = settings.model_version or version
+    if is_causal_lm(path, settings.task):
+        if shadow or backend not in ("auto", "torch"):
+            raise ConfigError(
+                f"{model} is a causal LM, served with the OpenAI-compatible API on torch: --shadow and "
+                f"--backend {backend} are for classifiers"
+            )
+        return _serve_generate(model, path, host, port, settings, store_url, drain_s, access_log, say)
 
     def load(p: Path) -> object:
         # the same backend rules at startup and at every swap (auto: measured once per version)
@@ -138,6 +146,59 @@ def serve(
         f"  batching <= {settings.max_batch} texts / {settings.max_wait_ms:g} ms{following}"
     )
     sys.stdout.flush()
+    try:
+        _run(app, host, port, settings, drain_s, access_log)
+    finally:
+        store.close()
+
+
+def is_causal_lm(path: Path, task: str = "auto") -> bool:
+    """Whether to serve ``path`` for generation: ``task`` "generate" / "classify" decides; "auto" reads
+    config.json (``architectures`` ending in ForCausalLM or LMHeadModel)."""
+    if task in ("generate", "classify"):
+        return task == "generate"
+    if task != "auto":
+        raise ConfigError(f"--task {task!r}: expected auto, classify or generate")
+    import json
+
+    try:
+        archs = json.loads((Path(path) / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return False  # no readable config.json: the classifier path reports what it expects
+    return any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+
+
+def _serve_generate(model, path, host, port, settings, store_url, drain_s, access_log, say) -> None:
+    """Serve a causal LM with the OpenAI-compatible API (see :mod:`lmloop.serve.openai_api`)."""
+    from lmloop.infer.generate import Generator
+    from lmloop.mlops.predlog import open_store
+    from lmloop.serve.openai_api import create_openai_app
+
+    if settings.max_tokens < 1:
+        raise ConfigError(f"--max-tokens {settings.max_tokens}: must be >= 1")
+    generator = Generator.load(str(path))
+    store = open_store(store_url)
+    pinned = "  (registry alias pinned at startup: hot-swap is for classifiers)" if _alias(model) else ""
+    app = create_openai_app(generator, store, settings, aliases=(str(model),))
+    say(
+        f"serving {settings.model_name} ({settings.model_version}, causal LM, context "
+        f"{generator.context_length}) with the OpenAI API on http://{host}:{port}/v1  store {store.url}  "
+        f"auth {'on (' + settings.auth_scope + ')' if settings.api_key else 'off'}  "
+        f"{'continuous' if settings.gen_continuous else 'static'} batching <= "
+        f"{settings.gen_max_batch} requests / {settings.gen_max_wait_ms:g} ms  max_tokens <= "
+        f"{settings.max_tokens}{pinned}"
+    )
+    sys.stdout.flush()
+    try:
+        _run(app, host, port, settings, drain_s, access_log)
+    finally:
+        store.close()
+
+
+def _run(app, host: str, port: int, settings: ServeSettings, drain_s: float, access_log: bool) -> None:
+    """uvicorn until SIGTERM/SIGINT, with a graceful drain; a requested stop exits 0."""
+    import uvicorn
+
     config = uvicorn.Config(
         app,
         host=host,
@@ -159,10 +220,7 @@ def serve(
             super().handle_exit(sig, frame)
             self._captured_signals.clear()
 
-    try:
-        Server(config).run()
-    finally:
-        store.close()
+    Server(config).run()
 
 
 def _alias(ref: str | None) -> tuple[str, str] | None:

@@ -1,0 +1,1 @@
+"""Responsible evaluation: counterfactual bias, memorization and membership audits that can gate a promotion."""

@@ -1,0 +1,1 @@
+"""Prompts as artefacts: versioned Jinja templates, few-shot selection, label-constrained scoring."""
