@@ -1784,7 +1784,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and tweet traffic with delayed feedback, watch drift and live accuracy, run a gated loop turn,\n"
         "wait for the server to swap, and compare accuracy per domain with an oracle (recipe: demo:).\n"
         "Writes OUT/demo.html and OUT/demo.json; exit 1 unless the loop promoted and the server swapped.\n\n"
-        "  lmloop demo                   full run (18 min measured on 2 CPU cores; make demo)\n"
+        "  lmloop demo                   full run (8-18 min measured on 2 CPU cores; make demo)\n"
         "  lmloop demo --quick           small slices, few steps, looser gates, no oracle (~2 min)",
     )
     s.add_argument("--recipe", default="recipes/domain-shift.yaml", help="demo recipe (default: %(default)s)")
