@@ -47,6 +47,31 @@ def load_classifier(ref: str, *, labels: list[str] | None = None):
     return tok, model
 
 
+def load_causal_lm(ref: str):
+    """(tokenizer, fp32 causal LM, resolved path) of a reference: a local HF directory, a packaged name
+    (``smollm2``) or a Hub id where the Hub is reachable. Safetensors only, no remote code."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lmloop.assets import resolve_model
+    from lmloop.errors import AssetError
+
+    path = resolve_model(ref)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        model = _quiet(
+            lambda: AutoModelForCausalLM.from_pretrained(
+                path, trust_remote_code=False, use_safetensors=True, dtype=torch.float32
+            )
+        )
+    except (OSError, ValueError, KeyError) as e:
+        raise AssetError(
+            f"could not load a causal LM from '{ref}' ({path}): {str(e).splitlines()[0][:300]}. Expected a "
+            "Hugging Face directory with config.json, model.safetensors and tokenizer files"
+        ) from None
+    return tok, model, path
+
+
 def _quiet(fn):
     # transformers prints a "newly initialized" load report for a fresh head: expected when fine-tuning.
     from transformers.utils import logging as hf_logging

@@ -57,25 +57,9 @@ def _say(msg: str) -> None:
 
 def load_base(ref: str):
     """(tokenizer, fp32 causal LM) of a base model reference (dir, packaged name, Hub id)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from lmloop.models import load_causal_lm
 
-    from lmloop.assets import resolve_model
-    from lmloop.models import _quiet
-
-    path = resolve_model(ref)
-    try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-        model = _quiet(
-            lambda: AutoModelForCausalLM.from_pretrained(
-                path, trust_remote_code=False, use_safetensors=True, dtype=torch.float32
-            )
-        )
-    except (OSError, ValueError, KeyError) as e:
-        raise AssetError(
-            f"could not load a causal LM from '{ref}' ({path}): {str(e).splitlines()[0][:300]}. Expected a "
-            "Hugging Face directory with config.json, model.safetensors and tokenizer files"
-        ) from None
+    tok, model, _ = load_causal_lm(ref)
     if not getattr(tok, "chat_template", None):
         raise ConfigError(
             f"the tokenizer of '{ref}' has no chat template: SFT renders prompts as chat turns; use a chat "

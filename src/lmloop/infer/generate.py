@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from lmloop.errors import AssetError, ConfigError
+from lmloop.errors import ConfigError
 
 # re-exported: the CLI and the server validate parameters with these
 from lmloop.infer.decode import DEFAULTS, Row, batch_loop, check_params, row_params  # noqa: F401
@@ -65,29 +65,13 @@ class Generator:
     @classmethod
     def load(cls, ref: str, backend: str = "auto") -> Generator:
         """Load a causal LM; ``backend`` picks what runs the decode steps (see :meth:`use_backend`)."""
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from lmloop.assets import resolve_model
-        from lmloop.models import _quiet
+        from lmloop.models import load_causal_lm
         from lmloop.sft import is_adapter_dir, load_adapted
 
         if is_adapter_dir(ref):  # a LoRA adapter (lmloop finetune --task sft): its base + the adapter, merged
             tok, model = load_adapted(ref)
             return cls(tok, model, str(ref)).use_backend(backend)
-        path = resolve_model(ref)
-        try:
-            tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-            model = _quiet(
-                lambda: AutoModelForCausalLM.from_pretrained(
-                    path, trust_remote_code=False, use_safetensors=True, dtype=torch.float32
-                )
-            )
-        except (OSError, ValueError, KeyError) as e:
-            raise AssetError(
-                f"could not load a causal LM from '{ref}' ({path}): {str(e).splitlines()[0][:300]}. Expected a "
-                "Hugging Face directory with config.json, model.safetensors and tokenizer files"
-            ) from None
+        tok, model, path = load_causal_lm(ref)
         return cls(tok, model.eval(), path).use_backend(backend)
 
     def use_backend(self, backend: str = "auto") -> Generator:
