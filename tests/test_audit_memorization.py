@@ -312,38 +312,15 @@ def test_membership_cli_rebuilds_the_training_split(cli, tiny_model_dir, tmp_pat
     assert code != 0 and "fingerprint" in err and "not the one" in err
 
 
-def test_sft_canaries_are_learnt_and_audited(tmp_path):
+def test_sft_canaries_are_learnt_and_audited(tmp_path, tiny_llama_dir):
     """`finetune --task sft --canaries`: the secret becomes extra train examples, OUT/canaries.json records
     it, and the adapter directory's exposure is measured through the same audit."""
-    import shutil
 
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from lmloop.assets import resolve_model
     from lmloop.audit.memorization import canary_exposure, load_canaries
     from lmloop.config import recipe_from_dict
     from lmloop.sft import run_sft
 
-    base = tmp_path / "tiny-llama"
-    cfg = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        tie_word_embeddings=True,
-        initializer_range=0.3,  # (as tests/test_sft.py) a 32-wide tied head must move logits by nats
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-    )
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        LlamaForCausalLM(cfg).save_pretrained(base, safe_serialization=True)
-    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        shutil.copy(Path(resolve_model("smollm2")) / f, base / f)
+    base = tiny_llama_dir
     data = tmp_path / "toy.csv"
     rng = random.Random(0)
     with open(data, "w", newline="", encoding="utf-8") as f:

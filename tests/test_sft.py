@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import json
 import random
-import shutil
 from pathlib import Path
 
 import pytest
@@ -16,39 +15,6 @@ from lmloop.errors import ConfigError
 
 POS = ["great", "wonderful", "excellent", "love", "superb"]
 NEG = ["terrible", "awful", "horrible", "hate", "dreadful"]
-
-
-@pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory) -> Path:
-    """A 2-layer, 32-wide random LlamaForCausalLM with SmolLM2's tokenizer files (vocab 49152)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from lmloop.assets import resolve_model
-
-    src = Path(resolve_model("smollm2"))
-    out = tmp_path_factory.mktemp("tiny-llama")
-    cfg = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        # embeddings of norm ~1.7 (not 0.1): a 32-wide tied head can then move logits by several nats
-        initializer_range=0.3,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-    )
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        LlamaForCausalLM(cfg).save_pretrained(out, safe_serialization=True)
-    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        shutil.copy(src / f, out / f)
-    return out
 
 
 @pytest.fixture(scope="session")
